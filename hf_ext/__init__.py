@@ -1,0 +1,19 @@
+"""hf_ext: research techniques from Scientific Spaces (kexue.fm) as first-class transformers/PEFT/diffusers parts.
+
+``import hf_ext`` checks the installed library versions, then registers every integration (see `hf_ext.registry`);
+after that everything is used through the ordinary Auto classes, Trainer, PEFT and diffusers APIs.
+"""
+
+from ._versions import check_versions
+
+check_versions()
+
+from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel, HfExtPreTrainedModel  # noqa: E402
+from .registry import register  # noqa: E402
+from . import convert, hub, ops  # noqa: E402
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "convert", "hub", "ops", "__version__"]

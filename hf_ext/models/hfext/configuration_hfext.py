@@ -1,0 +1,200 @@
+"""Configuration of the HfExt decoder family.
+
+A Llama-style decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention) whose attention is configurable per layer.
+This file is copied next to the weights by ``save_pretrained`` (``register_for_auto_class``) and must stay loadable
+with ``trust_remote_code=True`` where hf_ext is not installed: it imports only torch, transformers and
+huggingface_hub.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+# Kinds of attention layer. `sliding_attention` layers see their `sliding_window` most recent keys (self included)
+# and get a sliding-window cache layer; `full_attention` layers see every previous key.
+HFEXT_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Position encoding of a layer: `rope` rotates queries and keys, `none` leaves them as they are (NoPE).
+HFEXT_POSITION_ENCODINGS = ("rope", "none")
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+@strict
+class HfExtConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`HfExtModel`] / [`HfExtForCausalLM`].
+
+    With the defaults every layer is a full-attention RoPE layer and the model computes exactly what
+    `LlamaForCausalLM` computes with the same weights.
+
+    Args:
+        vocab_size (`int`): size of the token vocabulary.
+        hidden_size (`int`): width of the residual stream.
+        intermediate_size (`int`): width of the SwiGLU feed-forward block.
+        num_hidden_layers (`int`): number of decoder layers.
+        num_attention_heads (`int`): number of query heads.
+        num_key_value_heads (`int`, *optional*): number of key/value heads (grouped-query attention); must divide
+            `num_attention_heads`. Defaults to `num_attention_heads`.
+        head_dim (`int`, *optional*): width of one head. Defaults to `hidden_size // num_attention_heads`, which
+            then must divide evenly; set it explicitly for models whose heads are wider (Qwen3).
+        hidden_act (`str`): activation of the gate projection.
+        max_position_embeddings (`int`): the context length the model is trained for.
+        initializer_range (`float`): standard deviation of the normal weight initialisation.
+        rms_norm_eps (`float`): epsilon of the RMSNorms.
+        tie_word_embeddings (`bool`): share the input embedding with the output projection.
+        rope_parameters (`dict`, *optional*): rotary parameters in transformers' v5 form, e.g.
+            `{"rope_type": "default", "rope_theta": 10000.0}`; any `rope_type` of `ROPE_INIT_FUNCTIONS` (llama3,
+            yarn, linear, dynamic, longrope) works.
+        attention_bias (`bool`): biases on the query, key and value projections.
+        attention_output_bias (`bool`, *optional*): bias on the output projection; defaults to `attention_bias`
+            (Llama ties both, Qwen2 has biases on q/k/v only).
+        attention_dropout (`float`): dropout on the attention probabilities during training.
+        mlp_bias (`bool`): biases in the feed-forward block.
+        qk_norm (`bool`): RMSNorm over each query and key head before the rotation (Qwen3).
+        layer_types (`list[str]`, *optional*): per layer, one of `"full_attention"`, `"sliding_attention"`.
+            Defaults to all full attention. Sliding layers need `sliding_window`.
+        sliding_window (`int`, *optional*): number of keys a sliding layer sees, the query's own included.
+        position_encodings (`list[str]`, *optional*): per layer, `"rope"` or `"none"` (no position encoding).
+            Defaults to RoPE everywhere.
+        logn_scaling (`bool` or `list[bool]`): multiply each query by `max(logn_clip_min, log(n) / log(N))`, where
+            n is the number of keys the query sees and N is `logn_training_length` (entropy-invariant attention).
+            One value for all layers or one per layer.
+        logn_training_length (`int`, *optional*): the N above, the length at which the factor is 1. Defaults to
+            `max_position_embeddings`.
+        logn_clip_min (`float`, *optional*): lower bound of the log-n factor (1.0: identity inside the training
+            length; `None`: no clipping).
+    """
+
+    model_type = "hf_ext"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_output_bias: bool | None = None
+    attention_dropout: int | float = 0.0
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    position_encodings: list[str] | None = None
+    logn_scaling: bool | list[bool] = False
+    logn_training_length: int | None = None
+    logn_clip_min: float | None = 1.0
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        if self.position_encodings is None:
+            self.position_encodings = ["rope"] * self.num_hidden_layers
+        if isinstance(self.logn_scaling, bool):
+            self.logn_scaling = [self.logn_scaling] * self.num_hidden_layers
+        if self.logn_training_length is None:
+            self.logn_training_length = self.max_position_embeddings
+        super().__post_init__(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Validation (run by @strict after __post_init__): every error names the field, the value and what is allowed.
+
+    def validate_architecture(self):
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "logn_training_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {_describe(value)}.")
+        if self.head_dim is None:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` ({self.hidden_size}) "
+                "when `head_dim` is not given; set `head_dim` explicitly for heads of another width."
+            )
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"`head_dim` must be a positive even integer (rotary pairs), got {_describe(self.head_dim)}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_key_value_heads` ({self.num_key_value_heads}) must divide `num_attention_heads` "
+                f"({self.num_attention_heads}); allowed values are its divisors "
+                f"{[d for d in range(1, self.num_attention_heads + 1) if self.num_attention_heads % d == 0]}."
+            )
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {_describe(self.attention_dropout)}.")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"`rms_norm_eps` must be positive, got {_describe(self.rms_norm_eps)}.")
+        if not 0.0 <= self.initializer_range <= 1.0:
+            raise ValueError(f"`initializer_range` must be in [0, 1], got {_describe(self.initializer_range)}.")
+
+    def validate_layer_type(self):
+        """Replaces transformers' check (which only knows its own layer names) with the per-layer checks."""
+        n = self.num_hidden_layers
+        per_layer = {"layer_types": self.layer_types, "position_encodings": self.position_encodings,
+                     "logn_scaling": self.logn_scaling}
+        for name, values in per_layer.items():
+            if len(values) != n:
+                raise ValueError(
+                    f"`{name}` must have one entry per layer (num_hidden_layers={n}), got {len(values)}: {values}."
+                )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in HFEXT_LAYER_TYPES:
+                raise ValueError(f"`layer_types[{i}]` is {kind!r}; allowed values are {list(HFEXT_LAYER_TYPES)}.")
+        for i, kind in enumerate(self.position_encodings):
+            if kind not in HFEXT_POSITION_ENCODINGS:
+                raise ValueError(
+                    f"`position_encodings[{i}]` is {kind!r}; allowed values are {list(HFEXT_POSITION_ENCODINGS)}."
+                )
+        if "sliding_attention" in self.layer_types:
+            if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window <= 0:
+                raise ValueError(
+                    f"`sliding_window` must be a positive integer (the number of keys a sliding layer sees, itself "
+                    f"included) when `layer_types` contains 'sliding_attention', got {_describe(self.sliding_window)}."
+                )
+        if self.logn_clip_min is not None and self.logn_clip_min < 0:
+            raise ValueError(f"`logn_clip_min` must be None or >= 0, got {_describe(self.logn_clip_min)}.")
+        if any(self.logn_scaling) and self.logn_training_length < 2:
+            raise ValueError(
+                f"`logn_training_length` must be at least 2 (it is the base of a logarithm), "
+                f"got {self.logn_training_length}."
+            )
+
+    @property
+    def layers_with_rope(self) -> list[int]:
+        return [i for i, kind in enumerate(self.position_encodings) if kind == "rope"]
+
+
+__all__ = ["HfExtConfig", "HFEXT_LAYER_TYPES", "HFEXT_POSITION_ENCODINGS"]

@@ -1,0 +1,9 @@
+"""Math kernels: pure torch functions with their shapes in the docstrings (no transformers imports).
+
+The kernels the HfExt model uses live beside its modeling file (they travel with checkpoints for
+``trust_remote_code``); this package is their public home.
+"""
+
+from ..models.hfext.ops_hfext import apply_rotary, logn_query_scale, repeat_kv, rotate_half
+
+__all__ = ["apply_rotary", "logn_query_scale", "repeat_kv", "rotate_half"]

@@ -1,0 +1,53 @@
+"""Every registration hf_ext makes with transformers / PEFT / diffusers, in one place.
+
+`register()` is called by ``import hf_ext`` and is idempotent: a second call (or a second import) changes nothing
+and logs nothing. It only touches in-process registries; nothing here reads the network or the disk.
+Later capabilities add their registrations to `register()` and their names to the lists below.
+"""
+
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.masking_utils import AttentionMaskInterface
+
+from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel
+
+# name -> (attention function, mask function): the `attn_implementation` values hf_ext adds to transformers.
+ATTENTION_IMPLEMENTATIONS: dict[str, tuple] = {}
+
+_registered = False
+
+
+def register() -> None:
+    """Register hf_ext's model family and attention implementations with transformers (safe to call again)."""
+    global _registered
+    if _registered:
+        return
+    _register_model_family()
+    for name, (attention_fn, mask_fn) in ATTENTION_IMPLEMENTATIONS.items():
+        # Both maps are needed: an attention function without a mask entry receives attention_mask=None.
+        AttentionInterface.register(name, attention_fn)
+        AttentionMaskInterface.register(name, mask_fn)
+    _registered = True
+
+
+def _register_model_family() -> None:
+    from .hub import push_with_model_card
+
+    AutoConfig.register(HfExtConfig.model_type, HfExtConfig, exist_ok=True)
+    AutoModel.register(HfExtConfig, HfExtModel, exist_ok=True)
+    AutoModelForCausalLM.register(HfExtConfig, HfExtForCausalLM, exist_ok=True)
+    # save_pretrained then copies the model code next to the weights and writes `auto_map`, so that a checkpoint
+    # loads with trust_remote_code=True where hf_ext is not installed.
+    HfExtConfig.register_for_auto_class()
+    HfExtModel.register_for_auto_class("AutoModel")
+    HfExtForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    HfExtForCausalLM.hub_publisher = push_with_model_card
+    HfExtModel.hub_publisher = push_with_model_card
+
+
+def registered_summary() -> dict[str, list[str]]:
+    """What `register()` added, for `hf-ext info`."""
+    return {
+        "model_types": [HfExtConfig.model_type],
+        "auto_classes": ["AutoConfig", "AutoModel", "AutoModelForCausalLM"],
+        "attention_implementations": sorted(ATTENTION_IMPLEMENTATIONS),
+    }
