@@ -31,10 +31,10 @@ def logn_query_scale(
     """Entropy-invariant query factor ``max(clip_min, log(n) / log(training_length))``.
 
     ``n`` is the number of keys the query at absolute position ``p`` sees: ``p + 1`` under full causal attention,
-    ``min(p + 1, window)`` in a sliding-window layer. Returns float32 factors shaped like ``position_ids``
+    ``min(p + 1, window)`` in a sliding-window layer. Returns float64 factors shaped like ``position_ids``
     ([batch, seq]); multiply them into the queries as ``q * factor[:, None, :, None]``.
     """
-    visible = position_ids.to(torch.float32) + 1.0
+    visible = position_ids.to(torch.float64) + 1.0  # cheap ([batch, seq]) and exact enough for float64 models
     if window is not None:
         visible = visible.clamp(max=float(window))
     factor = torch.log(visible.clamp(min=1.0)) / math.log(training_length)

@@ -1,0 +1,393 @@
+"""The common runner behind every script in ``benchmarks/`` (``hf-ext bench NAME``).
+
+A benchmark script defines ``main(quick=False)``; inside it, it builds a *candidate* (ours) and a *peer* (the
+library implementation it replaces), calls `compare` once per metric, and hands the numbers to `save_result`.
+`compare` times both in the same process, interleaved, so that drift (thermal throttling, other load, allocator
+state) hits both sides alike. Every ratio is oriented so that **> 1 means the candidate is better**:
+
+* ``speed_ratio  = peer_median_seconds / candidate_median_seconds`` (> 1: the candidate is faster),
+* ``memory_ratio = peer_peak_bytes / candidate_peak_bytes``      (> 1: the candidate needs less memory).
+
+Peak memory is the growth of the process's resident set size (RSS) during one call, above the RSS just before it.
+tracemalloc does not see torch's CPU tensors (they are allocated in C++), so we read the kernel's own high-water
+mark instead: on Linux we reset it by writing ``5`` to ``/proc/self/clear_refs`` and read ``VmHWM`` from
+``/proc/self/status`` afterwards, which is exact. Elsewhere a background thread samples RSS with psutil every
+millisecond, which can miss a short spike. Before each memory measurement we run the garbage collector and ask glibc
+to hand freed heap memory back (``malloc_trim``), so that memory cached from an earlier call does not hide the peak.
+
+Results land in ``benchmarks/results/NAME.json`` (``results/quick/`` for ``quick=True`` smoke runs, which never
+overwrite the real numbers), and ``benchmarks/RESULTS.md`` is regenerated from every JSON file in ``results/``.
+"""
+
+import ctypes
+import datetime
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+SPEED_RATIO_DEFINITION = "speed_ratio = peer_median_seconds / candidate_median_seconds; > 1 means the candidate is faster"
+MEMORY_RATIO_DEFINITION = "memory_ratio = peer_peak_bytes / candidate_peak_bytes; > 1 means the candidate uses less memory"
+MEMORY_METHOD = (
+    "peak RSS growth during one call above the RSS just before it, after gc.collect() and malloc_trim(0); "
+    "Linux: kernel high-water mark (VmHWM after resetting it via /proc/self/clear_refs), "
+    "elsewhere: psutil RSS sampled every 1 ms"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machine description
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the CPU.
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """Where and with what the benchmark ran: platform, CPU, threads, library versions, date (UTC)."""
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _package_version("transformers"),
+        "peft": _package_version("peft"),
+        "diffusers": _package_version("diffusers"),
+        "hf_ext": _package_version("hf-ext"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _machine_summary(machine: dict) -> str:
+    """One short line for the RESULTS.md table."""
+    return f"{machine.get('cpu', '?')}, {machine.get('torch_threads', '?')} threads, torch {machine.get('torch', '?')}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak memory
+# ----------------------------------------------------------------------------------------------------------------
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE).group(1))
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    try:  # glibc keeps freed heap pages; returning them makes the next baseline honest
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _can_reset_high_water_mark() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+        _status_kib("VmHWM")
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_memory_growth(fn: Callable[[], object]) -> int:
+    """Bytes by which the process's RSS peaked above its level just before ``fn()`` (see the module docstring)."""
+    _release_free_memory()
+    if _can_reset_high_water_mark():
+        _CLEAR_REFS.write_text("5")  # VmHWM := current RSS
+        baseline = _status_kib("VmRSS")
+        fn()
+        return max(0, _status_kib("VmHWM") - baseline) * 1024
+
+    import psutil
+
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    peak = baseline
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, peak - baseline)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    gc.collect()  # outside the timed region, so a collection does not land inside one side's call
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def speed_ratio(candidate_seconds: float, peer_seconds: float) -> float:
+    """peer time / candidate time: > 1 means the candidate is faster."""
+    return peer_seconds / candidate_seconds
+
+
+def memory_ratio(candidate_bytes: int, peer_bytes: int) -> float | None:
+    """peer bytes / candidate bytes: > 1 means the candidate needs less; None when either side is unmeasurable."""
+    if candidate_bytes <= 0 or peer_bytes <= 0:
+        return None
+    return peer_bytes / candidate_bytes
+
+
+def compare(
+    candidate: Callable[[], object],
+    peer: Callable[[], object],
+    *,
+    work: float,
+    unit: str,
+    repeats: int = 5,
+    warmup: int = 1,
+    min_speed_ratio: float | None = None,
+    measure_memory: bool = True,
+    description: str = "",
+) -> dict:
+    """Time ``candidate()`` against ``peer()`` in this process and return one metric's record.
+
+    Args:
+        candidate, peer: zero-argument callables doing the same work (one call = one sample).
+        work: units of work per call (e.g. tokens); throughput = work / median seconds, in ``unit``.
+        unit: the throughput unit, e.g. ``"tokens/s"``.
+        repeats: timed calls per side; the medians are reported.
+        warmup: untimed calls per side first (first-call allocations, lazy initialisation, caches).
+        min_speed_ratio: the goal, ``speed_ratio >= min_speed_ratio``; None for an informational metric.
+        measure_memory: also measure each side's peak RSS growth in one extra call.
+
+    The order alternates every round (A B, B A, A B, …): a plain A B A B sequence still lets B always follow A,
+    so a slow-down that a call leaves behind for the next one would fall on one side only.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"compare needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    sides = {"candidate": candidate, "peer": peer}
+    times = {"candidate": [], "peer": []}
+    label = description or unit
+    for _ in tqdm(range(warmup), desc=f"warm-up {label}", leave=False, disable=warmup == 0):
+        candidate()
+        peer()
+    for round_index in tqdm(range(repeats), desc=f"timing {label}", leave=False):
+        order = ("candidate", "peer") if round_index % 2 == 0 else ("peer", "candidate")
+        for side in order:
+            times[side].append(_timed(sides[side]))
+
+    candidate_median = statistics.median(times["candidate"])
+    peer_median = statistics.median(times["peer"])
+    ratio = speed_ratio(candidate_median, peer_median)
+    record = {
+        "description": description,
+        "unit": unit,
+        "work_per_call": work,
+        "candidate": work / candidate_median,
+        "peer": work / peer_median,
+        "candidate_median_seconds": candidate_median,
+        "peer_median_seconds": peer_median,
+        "candidate_seconds": times["candidate"],
+        "peer_seconds": times["peer"],
+        "repeats": repeats,
+        "warmup": warmup,
+        "speed_ratio": ratio,
+        "goal": None if min_speed_ratio is None else f"speed_ratio >= {min_speed_ratio}",
+        "min_speed_ratio": min_speed_ratio,
+        "passed": None if min_speed_ratio is None else bool(ratio >= min_speed_ratio),
+    }
+    if measure_memory:
+        record["candidate_peak_bytes"] = peak_memory_growth(candidate)
+        record["peer_peak_bytes"] = peak_memory_growth(peer)
+        record["memory_ratio"] = memory_ratio(record["candidate_peak_bytes"], record["peer_peak_bytes"])
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Result files and the RESULTS.md table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_result(
+    name: str,
+    *,
+    candidate: str,
+    peer: str,
+    settings: dict,
+    metrics: dict[str, dict],
+    checks: dict | None = None,
+    quick: bool = False,
+) -> dict:
+    """Assemble one benchmark's JSON document from its `compare` records."""
+    goals = [m["passed"] for m in metrics.values() if m.get("passed") is not None]
+    return {
+        "benchmark": name,
+        "candidate": candidate,
+        "peer": peer,
+        "quick": quick,
+        "ratio_definitions": {"speed_ratio": SPEED_RATIO_DEFINITION, "memory_ratio": MEMORY_RATIO_DEFINITION},
+        "memory_method": MEMORY_METHOD,
+        "machine": machine_info(),
+        "settings": settings,
+        "checks": checks or {},
+        "metrics": metrics,
+        "passed": all(goals) if goals else None,
+    }
+
+
+def save_result(result: dict, benchmarks_dir: str | os.PathLike) -> Path:
+    """Write ``results/NAME.json`` under ``benchmarks_dir`` and regenerate ``RESULTS.md`` there.
+
+    Quick (smoke) runs go to ``results/quick/NAME.json`` and leave the table alone.
+    """
+    benchmarks_dir = Path(benchmarks_dir)
+    results_dir = benchmarks_dir / "results"
+    if result.get("quick"):
+        results_dir = results_dir / "quick"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{result['benchmark']}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if not result.get("quick"):
+        write_results_table(benchmarks_dir)
+    return path
+
+
+def _format_number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _pass_cell(passed: bool | None) -> str:
+    return {True: "pass", False: "**FAIL**", None: "—"}[passed]
+
+
+def write_results_table(benchmarks_dir: str | os.PathLike) -> Path:
+    """Regenerate ``RESULTS.md``: one row per metric of every ``results/*.json`` (quick runs excluded)."""
+    benchmarks_dir = Path(benchmarks_dir)
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `hf_ext.benchmarking` from `benchmarks/results/*.json`; do not edit by hand.",
+        "Each benchmark measures hf_ext (candidate) against the library implementation it replaces (peer), "
+        "in the same process, interleaved.",
+        f"Ratio: {SPEED_RATIO_DEFINITION}.",
+        "",
+        "| benchmark | metric | candidate | peer | ratio | goal | pass | date | machine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted((benchmarks_dir / "results").glob("*.json")):
+        result = json.loads(path.read_text())
+        machine = result.get("machine", {})
+        date = machine.get("date", "")[:10]
+        for metric_name, metric in result.get("metrics", {}).items():
+            unit = metric.get("unit", "")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        result["benchmark"],
+                        metric_name,
+                        f"{result['candidate']}: {_format_number(metric['candidate'])} {unit}",
+                        f"{result['peer']}: {_format_number(metric['peer'])} {unit}",
+                        f"{metric['speed_ratio']:.3f}",
+                        metric.get("goal") or "—",
+                        _pass_cell(metric.get("passed")),
+                        date,
+                        _machine_summary(machine),
+                    ]
+                )
+                + " |"
+            )
+    table = benchmarks_dir / "RESULTS.md"
+    table.write_text("\n".join(lines) + "\n")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding and running benchmark scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def benchmark_dirs() -> list[Path]:
+    """Where benchmark scripts are looked for: ``./benchmarks`` first, then the ``benchmarks/`` of the repository."""
+    import hf_ext
+
+    candidates = [Path.cwd() / "benchmarks", Path(hf_ext.__file__).resolve().parents[1] / "benchmarks"]
+    found = []
+    for directory in candidates:
+        if directory.is_dir() and directory.resolve() not in [d.resolve() for d in found]:
+            found.append(directory)
+    return found
+
+
+def list_benchmarks() -> list[str]:
+    """Names accepted by `run_benchmark` (scripts ``benchmarks/NAME.py`` not starting with an underscore)."""
+    names = set()
+    for directory in benchmark_dirs():
+        names.update(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(names)
+
+
+def run_benchmark(name: str, quick: bool = False) -> dict:
+    """Import ``benchmarks/NAME.py`` and return what its ``main(quick=quick)`` returns (the result document)."""
+    for directory in benchmark_dirs():
+        script = directory / f"{name}.py"
+        if script.is_file() and not name.startswith("_"):
+            break
+    else:
+        available = ", ".join(list_benchmarks()) or "none"
+        searched = ", ".join(str(d) for d in benchmark_dirs()) or "no benchmarks/ directory found"
+        raise ValueError(f"Unknown benchmark {name!r}; available: {available} (searched {searched}).")
+    module_name = f"hf_ext_benchmark_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "main", None)):
+        raise ValueError(f"Benchmark script {script} defines no main(quick=False) function.")
+    return module.main(quick=quick)

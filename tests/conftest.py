@@ -1,0 +1,37 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hf_ext  # noqa: E402
+
+
+def tiny_config(**overrides) -> hf_ext.HfExtConfig:
+    """A 3-layer HfExt config small enough for exact CPU checks."""
+    settings = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    settings.update(overrides)
+    return hf_ext.HfExtConfig(**settings)
+
+
+def hybrid_config(**overrides) -> hf_ext.HfExtConfig:
+    """Every per-layer feature at once: sliding RoPE layers, a full NoPE layer with log-n scaling."""
+    settings = dict(
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=5,
+        position_encodings=["rope", "none", "rope"],
+        logn_scaling=[False, True, False],
+        logn_training_length=8,
+    )
+    settings.update(overrides)
+    return tiny_config(**settings)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
