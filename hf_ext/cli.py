@@ -1,0 +1,152 @@
+"""The `hf-ext` command: info, demo, bench, convert."""
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+hf_ext: research techniques from Scientific Spaces (kexue.fm) as transformers / PEFT / diffusers components.
+Run `hf-ext COMMAND --help` for the options of a command.
+"""
+
+
+def _info(args) -> int:
+    import torch
+    from transformers import AttentionInterface
+
+    import hf_ext
+    from hf_ext._versions import SUPPORTED_VERSIONS, installed_version
+    from hf_ext.hub import list_presets
+    from hf_ext.registry import registered_summary
+
+    summary = registered_summary()
+    info = {
+        "hf_ext": hf_ext.__version__,
+        "python": platform.python_version(),
+        "libraries": {name: {"installed": installed_version(name), "supported": spec}
+                      for name, spec in SUPPORTED_VERSIONS.items()},
+        "torch_threads": torch.get_num_threads(),
+        "registered": summary,
+        "attention_implementations": ["eager", *sorted(AttentionInterface._global_mapping)],
+        "presets": list_presets(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"hf_ext {info['hf_ext']} (python {info['python']}, torch threads {info['torch_threads']})")
+    print("libraries:")
+    for name, versions in info["libraries"].items():
+        print(f"  {name:<13} {versions['installed'] or 'not installed':<14} supported {versions['supported']}")
+    print(f"model types registered : {', '.join(summary['model_types'])} "
+          f"(with {', '.join(summary['auto_classes'])})")
+    print(f"hf_ext attention       : {', '.join(summary['attention_implementations']) or '(none yet)'}")
+    print(f"all attention backends : {', '.join(info['attention_implementations'])}")
+    print(f"presets (hub_configs/) : {', '.join(info['presets'])}")
+    return 0
+
+
+def _demo(args) -> int:
+    from hf_ext.demo import DemoSettings, format_report, run_demo
+
+    settings = DemoSettings(output_dir=Path(args.output_dir), preset=args.preset, max_steps=args.max_steps,
+                            text_files=[Path(p) for p in args.text_file] or None, prompt=args.prompt,
+                            batch_size=args.batch_size)
+    report = run_demo(settings)
+    print()
+    print(format_report(report))
+    return 0
+
+
+def _bench(args) -> int:
+    from hf_ext.benchmarking import list_benchmarks, run_benchmark
+
+    if args.list or not args.name:
+        print("available benchmarks:", ", ".join(list_benchmarks()) or "(none found)")
+        return 0 if args.list else 2
+    run_benchmark(args.name, quick=args.quick)
+    return 0
+
+
+def _convert(args) -> int:
+    import hf_ext
+
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        print(f"error: output_dir {output} is not empty; pass --overwrite to replace its files", file=sys.stderr)
+        return 2
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    model = hf_ext.convert.from_llama(args.source, **kwargs)
+    model.save_pretrained(output)
+    try:  # carry the tokenizer along when the source has one
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(args.source, **kwargs).save_pretrained(output)
+    except (OSError, ValueError):
+        pass
+    print(f"saved HfExt checkpoint to {output} ({model.config.num_hidden_layers} layers)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-ext", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = commands.add_parser("info", help="versions, what `import hf_ext` registers, attention implementations",
+                               description="Print library versions (installed and supported), what `import hf_ext` "
+                                           "registers and every attention implementation transformers now knows.")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(handler=_info)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: train, save, reload and generate with a small HfExt model on real text",
+        description="The main job, offline on embedded defaults: train a BPE tokenizer and an HfExt model (preset "
+                    "hfext-small) with Trainer on the Python documentation (Debian python3.11-doc) or on your "
+                    "own text files, save it, reload it through AutoModelForCausalLM, generate a continuation "
+                    "and print a report (loss before/after, tokens/s, checkpoint path). Writes report.json.")
+    demo.add_argument("--text-file", action="append", default=[], metavar="PATH",
+                      help="your own plain-text file (repeatable); default: the Python documentation")
+    demo.add_argument("--output-dir", default="hf_ext_demo_output", help="where the checkpoint and report go")
+    demo.add_argument("--preset", default="hfext-small", help="config preset from hub_configs/")
+    demo.add_argument("--max-steps", type=int, default=150, help="training steps (default 150)")
+    demo.add_argument("--batch-size", type=int, default=16, help="blocks of 128 tokens per step (default 16)")
+    demo.add_argument("--prompt", default="The Python standard library", help="text to continue")
+    demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser(
+        "bench", help="run a benchmark from benchmarks/ against its peer, write its results",
+        description="Run benchmarks/NAME.py: measures hf_ext and its peer in the same process (medians over "
+                    "repeats, ratios, peak memory), writes benchmarks/results/NAME.json and regenerates "
+                    "benchmarks/RESULTS.md.")
+    bench.add_argument("name", nargs="?", help="benchmark name (see --list)")
+    bench.add_argument("--list", action="store_true", help="list the available benchmarks")
+    bench.add_argument("--quick", action="store_true", help="smaller settings, for a smoke run")
+    bench.set_defaults(handler=_bench)
+
+    convert = commands.add_parser(
+        "convert", help="Llama / Mistral / Qwen2 / Qwen3 / SmolLM checkpoint -> HfExt checkpoint",
+        description="Convert a Llama / Mistral / Qwen2 / Qwen3 / SmolLM checkpoint (folder or Hub id) into an "
+                    "HfExt checkpoint with the same logits, saved with its tokenizer.")
+    convert.add_argument("source", help="folder or Hub id of the source checkpoint")
+    convert.add_argument("output_dir", help="folder to write the HfExt checkpoint to")
+    convert.add_argument("--gguf-file", help="GGUF file name inside SOURCE, if the checkpoint is GGUF")
+    convert.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output_dir")
+    convert.set_defaults(handler=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "max_steps", 1) < 1 or getattr(args, "batch_size", 1) < 1:
+        parser.error("--max-steps and --batch-size must be positive integers")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

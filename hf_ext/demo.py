@@ -1,0 +1,250 @@
+"""`hf-ext demo`: the main job, end to end on real English text, offline, in a few minutes on a laptop CPU.
+
+The demo is a list of steps (`DEMO_STEPS`) sharing one `DemoRun`; each capability of hf_ext adds its own step.
+Default run: train a byte-level BPE tokenizer on the Python documentation (Debian's python3.11-doc), build an HfExt
+model from the `hfext-small` preset, train it briefly with `Trainer`, save it, reload it through
+`AutoModelForCausalLM.from_pretrained`, generate a continuation and print a report.
+"""
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_PROMPT = "The Python standard library"
+
+
+@dataclass
+class DemoSettings:
+    text_files: list[Path] | None = None  # None: the Python documentation sources
+    output_dir: Path = Path("hf_ext_demo_output")
+    preset: str = "hfext-small"
+    vocab_size: int = 4096
+    block_size: int = 128
+    max_steps: int = 150
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    max_characters: int = 3_000_000  # of the default corpus, enough for a few minutes of training
+    eval_blocks: int = 64
+    prompt: str = DEFAULT_PROMPT
+    new_tokens: int = 40
+    seed: int = 0
+
+
+@dataclass
+class DemoRun:
+    settings: DemoSettings
+    report: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)  # what steps hand to later steps (dataset, tokenizer, model…)
+
+
+@dataclass
+class DemoStep:
+    name: str
+    run: Callable[[DemoRun], None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def load_text(run: DemoRun) -> None:
+    """Real English text through `datasets`: the user's files, or a slice of the Python documentation."""
+    from datasets import load_dataset
+
+    from .assets import python_doc_files
+
+    files = run.settings.text_files
+    if files:
+        missing = [str(f) for f in files if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"`text_files`: not found: {missing}")
+    else:
+        files, total = [], 0
+        for path in python_doc_files():
+            files.append(path)
+            total += path.stat().st_size
+            if total >= run.settings.max_characters:
+                break
+    dataset = load_dataset("text", data_files=[str(f) for f in files], split="train", sample_by="paragraph")
+    dataset = dataset.filter(lambda row: len(row["text"].strip()) > 0)
+    if len(dataset) < 2:
+        raise ValueError(f"`text_files` hold too little text for a demo ({len(dataset)} paragraphs).")
+    run.artifacts["text"] = dataset
+    run.report["text"] = {"files": len(files), "paragraphs": len(dataset),
+                          "characters": sum(len(t) for t in dataset["text"])}
+
+
+def train_tokenizer(run: DemoRun) -> None:
+    """A byte-level BPE tokenizer trained on the same text (seconds), wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: the presets' pad/bos/eos ids
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=run.settings.vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(run.artifacts["text"]["text"], trainer=trainer)
+    run.artifacts["tokenizer"] = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    run.report["tokenizer"] = {"vocab_size": tokenizer.get_vocab_size()}
+
+
+def build_model(run: DemoRun) -> None:
+    """An HfExt model from a preset of `hub_configs/`, sized to the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from .hub import parameter_count, preset_path
+    from .models.hfext import HfExtConfig
+
+    tokenizer = run.artifacts["tokenizer"]
+    config = HfExtConfig.from_pretrained(
+        preset_path(run.settings.preset), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=max(run.settings.block_size, 512),
+    )
+    torch.manual_seed(run.settings.seed)
+    run.artifacts["model"] = AutoModelForCausalLM.from_config(config)
+    run.report["model"] = {"preset": run.settings.preset, "parameters": parameter_count(run.artifacts["model"]),
+                           "layer_types": config.layer_types, "position_encodings": config.position_encodings}
+
+
+def make_blocks(run: DemoRun) -> None:
+    """Tokenize, concatenate with an end-of-text token between paragraphs, cut into fixed-length blocks."""
+    tokenizer, size = run.artifacts["tokenizer"], run.settings.block_size
+
+    def to_blocks(batch):
+        ids = [token for text in batch["text"] for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+        usable = len(ids) // size * size
+        blocks = [ids[i : i + size] for i in range(0, usable, size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    blocks = run.artifacts["text"].map(to_blocks, batched=True, batch_size=2000,
+                                       remove_columns=["text"], desc="Tokenizing")
+    if len(blocks) <= run.settings.eval_blocks:
+        raise ValueError(
+            f"The text yields {len(blocks)} blocks of {size} tokens; the demo needs more than `eval_blocks` "
+            f"({run.settings.eval_blocks}). Give more text or lower `block_size`."
+        )
+    split = blocks.train_test_split(test_size=run.settings.eval_blocks, seed=run.settings.seed)
+    run.artifacts["train_blocks"], run.artifacts["eval_blocks"] = split["train"], split["test"]
+    run.report["data"] = {"train_blocks": len(split["train"]), "eval_blocks": len(split["test"]), "block_size": size}
+
+
+def _mean_loss(model, blocks, batch_size: int) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(blocks), batch_size), desc="Evaluating", leave=False):
+            ids = torch.tensor(blocks[start : start + batch_size]["input_ids"])
+            losses.append(model(ids, labels=ids).loss.item() * len(ids))
+    return sum(losses) / len(blocks)
+
+
+def train(run: DemoRun) -> None:
+    """A short `Trainer` run (AdamW, cosine schedule); loss measured on held-out blocks before and after."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    settings, model = run.settings, run.artifacts["model"]
+    loss_before = _mean_loss(model, run.artifacts["eval_blocks"], settings.batch_size)
+    args = TrainingArguments(
+        output_dir=str(settings.output_dir / "trainer"), max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=max(1, settings.max_steps // 10), weight_decay=0.1,
+        logging_steps=max(1, settings.max_steps // 10), save_strategy="no", report_to=[], seed=settings.seed,
+        dataloader_num_workers=0, use_cpu=True, disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=run.artifacts["train_blocks"],
+                      data_collator=default_data_collator)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    loss_after = _mean_loss(model, run.artifacts["eval_blocks"], settings.batch_size)
+    trained_tokens = settings.max_steps * settings.batch_size * settings.block_size
+    run.report["training"] = {
+        "steps": settings.max_steps, "eval_loss_before": loss_before, "eval_loss_after": loss_after,
+        "eval_perplexity_after": math.exp(loss_after), "train_tokens_per_second": trained_tokens / seconds,
+        "seconds": seconds,
+    }
+
+
+def save_and_reload(run: DemoRun) -> None:
+    """save_pretrained, then load back through the Auto classes and check the logits are unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = run.settings.output_dir / "model"
+    model, tokenizer = run.artifacts["model"], run.artifacts["tokenizer"]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    probe = torch.tensor(run.artifacts["eval_blocks"][:2]["input_ids"])
+    with torch.no_grad():
+        difference = (reloaded(probe).logits - model.eval()(probe).logits).abs().max().item()
+    run.artifacts["model"], run.artifacts["tokenizer"] = reloaded, AutoTokenizer.from_pretrained(folder)
+    run.report["checkpoint"] = {"path": str(folder.resolve()), "reload_max_abs_logit_difference": difference}
+
+
+def generate(run: DemoRun) -> None:
+    """Greedy continuation of the prompt with the reloaded model and its KV cache."""
+    model, tokenizer = run.artifacts["model"], run.artifacts["tokenizer"]
+    inputs = tokenizer(run.settings.prompt, return_tensors="pt")
+    new = run.settings.new_tokens
+    started = time.perf_counter()
+    output = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    seconds = time.perf_counter() - started
+    continuation = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    run.report["generation"] = {"prompt": run.settings.prompt, "continuation": continuation,
+                                "decode_tokens_per_second": new / seconds}
+
+
+DEMO_STEPS: list[DemoStep] = [
+    DemoStep("load text", load_text),
+    DemoStep("train tokenizer", train_tokenizer),
+    DemoStep("build model", build_model),
+    DemoStep("tokenize", make_blocks),
+    DemoStep("train", train),
+    DemoStep("save and reload", save_and_reload),
+    DemoStep("generate", generate),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def format_report(report: dict) -> str:
+    training, generation, checkpoint = report["training"], report["generation"], report["checkpoint"]
+    lines = [
+        "hf_ext demo report",
+        f"  text         : {report['text']['paragraphs']} paragraphs, {report['text']['characters']:,} characters "
+        f"from {report['text']['files']} file(s)",
+        f"  model        : {report['model']['preset']}, {report['model']['parameters'] / 1e6:.2f}M parameters",
+        f"  eval loss    : {training['eval_loss_before']:.3f} before -> {training['eval_loss_after']:.3f} after "
+        f"{training['steps']} steps (perplexity {training['eval_perplexity_after']:.1f})",
+        f"  training     : {training['train_tokens_per_second']:,.0f} tokens/s ({training['seconds']:.0f} s)",
+        f"  generation   : {generation['decode_tokens_per_second']:.1f} tokens/s",
+        f"  checkpoint   : {checkpoint['path']} (reload max |Δlogit| {checkpoint['reload_max_abs_logit_difference']:.1e})",
+        f"  continuation : {generation['prompt']!r} -> {generation['continuation']!r}",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(settings: DemoSettings | None = None, steps: list[DemoStep] | None = None) -> dict:
+    """Run every demo step, write `report.json` into the output folder and return the report."""
+    run = DemoRun(settings or DemoSettings())
+    run.settings.output_dir = Path(run.settings.output_dir)
+    run.settings.output_dir.mkdir(parents=True, exist_ok=True)
+    steps = DEMO_STEPS if steps is None else steps
+    for number, step in enumerate(steps, start=1):
+        print(f"[{number}/{len(steps)}] {step.name}", flush=True)
+        step.run(run)
+    (run.settings.output_dir / "report.json").write_text(json.dumps(run.report, indent=2))
+    return run.report

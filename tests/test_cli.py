@@ -1,0 +1,69 @@
+"""The `hf-ext` command: help, info, demo on a user's own text, convert, bench listing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hf_ext.assets import python_doc_files
+from hf_ext.cli import main
+
+
+def test_help_explains_every_command():
+    result = subprocess.run([sys.executable, "-m", "hf_ext.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("info", "demo", "bench", "convert"):
+        assert command in result.stdout
+        sub = subprocess.run([sys.executable, "-m", "hf_ext.cli", command, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and len(sub.stdout) > 200
+
+
+def test_info_lists_versions_and_registrations(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["registered"]["model_types"] == ["hf_ext"]
+    assert {"sdpa", "eager"} <= set(info["attention_implementations"])
+    assert info["libraries"]["transformers"]["supported"] == ">=5.23,<5.24"
+    assert "hfext-tiny" in info["presets"]
+
+
+def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
+    text = tmp_path / "my_text.txt"
+    text.write_text("\n\n".join(path.read_text() for path in python_doc_files()[:12]))
+    out = tmp_path / "out"
+    assert main(["demo", "--text-file", str(text), "--output-dir", str(out), "--preset", "hfext-tiny",
+                 "--max-steps", "8", "--batch-size", "4", "--prompt", "Python"]) == 0
+    printed = capsys.readouterr().out
+    assert "hf_ext demo report" in printed and "tokens/s" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["text"]["files"] == 1
+    assert report["training"]["eval_loss_after"] < report["training"]["eval_loss_before"]
+    assert report["checkpoint"]["reload_max_abs_logit_difference"] == 0.0
+    assert len(report["generation"]["continuation"]) > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert reloaded.config.model_type == "hf_ext"
+
+
+def test_demo_rejects_a_missing_text_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text_files"):
+        main(["demo", "--text-file", str(tmp_path / "nope.txt"), "--output-dir", str(tmp_path)])
+
+
+def test_convert_command_writes_a_loadable_checkpoint(tmp_path):
+    source = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)).eval()
+    source.save_pretrained(tmp_path / "llama")
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "hfext")]) == 0
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hfext").eval()
+    ids = torch.randint(0, 50, (1, 7))
+    torch.testing.assert_close(converted(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
+    # a non-empty output folder is never overwritten silently
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "hfext")]) == 2
+
+
+def test_bench_lists_the_benchmarks(capsys):
+    assert main(["bench", "--list"]) == 0
+    assert "decoder_vs_llama" in capsys.readouterr().out
