@@ -67,3 +67,13 @@ def test_convert_command_writes_a_loadable_checkpoint(tmp_path):
 def test_bench_lists_the_benchmarks(capsys):
     assert main(["bench", "--list"]) == 0
     assert "decoder_vs_llama" in capsys.readouterr().out
+
+
+def test_example_hybrid_quickstart_runs(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "hybrid_model_quickstart.py"
+    result = subprocess.run([sys.executable, str(example), "--output-dir", str(tmp_path), "--max-steps", "3"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "per-layer scheme: [('sliding_attention', 'rope'), ('sliding_attention', 'rope'), ('full_attention', 'none')" in result.stdout
