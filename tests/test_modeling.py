@@ -236,3 +236,12 @@ def test_set_attn_implementation_switches_backend():
     model = build(tiny_config(), "sdpa")
     model.set_attn_implementation("eager")
     assert model.config._attn_implementation == "eager"
+
+
+def test_hidden_states_and_attentions_can_be_returned():
+    model = build(hybrid_config(), "eager")
+    out = model(random_ids(1, 8), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 4 and len(out.attentions) == 3
+    assert out.attentions[0].shape == (1, 4, 8, 8)
+    # the sliding layer (window 5) gives no weight to keys 5 or more positions back
+    assert out.attentions[0][0, :, 7, :3].abs().max() == 0
