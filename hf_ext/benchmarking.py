@@ -1,19 +1,30 @@
 """The common runner behind every script in ``benchmarks/`` (``hf-ext bench NAME``).
 
 A benchmark script defines ``main(quick=False)``; inside it, it builds a *candidate* (ours) and a *peer* (the
-library implementation it replaces), calls `compare` once per metric, and hands the numbers to `save_result`.
+library implementation it replaces), calls `compare` once per metric, then (after all timing) `compare_peak_memory`,
+and hands the records to `make_result` and `save_result`.
 `compare` times both in the same process, interleaved, so that drift (thermal throttling, other load, allocator
 state) hits both sides alike. Every ratio is oriented so that **> 1 means the candidate is better**:
 
-* ``speed_ratio  = peer_median_seconds / candidate_median_seconds`` (> 1: the candidate is faster),
-* ``memory_ratio = peer_peak_bytes / candidate_peak_bytes``      (> 1: the candidate needs less memory).
+* ``speed_ratio  = median over rounds of peer_seconds / candidate_seconds`` (> 1: the candidate is faster),
+* ``memory_ratio = peer_peak_bytes / candidate_peak_bytes``                (> 1: the candidate needs less memory).
 
-Peak memory is the growth of the process's resident set size (RSS) during one call, above the RSS just before it.
-tracemalloc does not see torch's CPU tensors (they are allocated in C++), so we read the kernel's own high-water
-mark instead: on Linux we reset it by writing ``5`` to ``/proc/self/clear_refs`` and read ``VmHWM`` from
-``/proc/self/status`` afterwards, which is exact. Elsewhere a background thread samples RSS with psutil every
-millisecond, which can miss a short spike. Before each memory measurement we run the garbage collector and ask glibc
-to hand freed heap memory back (``malloc_trim``), so that memory cached from an earlier call does not hide the peak.
+The speed ratio pairs the two calls of each round: on a shared or virtualised machine the speed of the whole machine
+can change several-fold for seconds at a time, and the two calls of one round see the same state, while the median
+of each side's times may come from different states. The ratio of the two medians is recorded as well
+(``ratio_of_medians``), and the throughputs come from each side's median time.
+
+Peak memory is the growth of the process's resident set size (RSS) during a call, above the RSS just before it
+(median over a few calls per side). tracemalloc does not see torch's CPU tensors (they are allocated in C++), so we
+read the kernel's own high-water mark instead: on Linux we reset it by writing ``5`` to ``/proc/self/clear_refs`` and
+read ``VmHWM`` from ``/proc/self/status`` afterwards. Elsewhere a background thread samples RSS with psutil every
+millisecond, which can miss a short spike. Before each measurement we run the garbage collector and ask glibc to
+hand freed heap memory back (``malloc_trim``). RSS only tracks the live tensors if freed tensors go back to the OS:
+with glibc's default, self-adjusting mmap threshold, large blocks end up on the heap, and one and the same forward
+pass was measured peaking anywhere between 125 and 190 MB. `compare_peak_memory` therefore fixes the threshold at
+128 KiB first, after which repeated measurements in one run agree to within a few percent (the level can still
+shift between runs, for both sides alike). That makes large allocations slower (about 30 % on a prefill pass) for
+the rest of the process, so memory is measured after all timing.
 
 Results land in ``benchmarks/results/NAME.json`` (``results/quick/`` for ``quick=True`` smoke runs, which never
 overwrite the real numbers), and ``benchmarks/RESULTS.md`` is regenerated from every JSON file in ``results/``.
@@ -38,10 +49,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-SPEED_RATIO_DEFINITION = "speed_ratio = peer_median_seconds / candidate_median_seconds; > 1 means the candidate is faster"
-MEMORY_RATIO_DEFINITION = "memory_ratio = peer_peak_bytes / candidate_peak_bytes; > 1 means the candidate uses less memory"
+SPEED_RATIO_DEFINITION = (
+    "speed_ratio = median over interleaved rounds of (peer seconds / candidate seconds); "
+    "> 1 means the candidate is faster"
+)
+MEMORY_RATIO_DEFINITION = (
+    "memory_ratio = peer_peak_bytes / candidate_peak_bytes; > 1 means the candidate uses less memory"
+)
 MEMORY_METHOD = (
-    "peak RSS growth during one call above the RSS just before it, after gc.collect() and malloc_trim(0); "
+    "median over calls of the peak RSS growth during the call above the RSS just before it, "
+    "after gc.collect() and malloc_trim(0), with glibc's mmap threshold fixed at 128 KiB; "
     "Linux: kernel high-water mark (VmHWM after resetting it via /proc/self/clear_refs), "
     "elsewhere: psutil RSS sampled every 1 ms"
 )
@@ -160,20 +177,52 @@ def peak_memory_growth(fn: Callable[[], object]) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+THREADS_ENVIRONMENT_VARIABLE = "HF_EXT_BENCH_THREADS"
+
+
+def configure_threads() -> int:
+    """Set and return torch's intra-op thread count for a benchmark: ``$HF_EXT_BENCH_THREADS`` or torch's default.
+
+    Call it once, before building the models, so that candidate and peer run with the same count.
+    """
+    value = os.environ.get(THREADS_ENVIRONMENT_VARIABLE)
+    if value is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENVIRONMENT_VARIABLE} must be a positive integer, got {value!r}.")
+        torch.set_num_threads(int(value))
+    return torch.get_num_threads()
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], object]) -> float:
-    gc.collect()  # outside the timed region, so a collection does not land inside one side's call
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    # Like timeit: no garbage collection inside the timed call, so that a collection triggered by one side's
+    # allocations does not land in its time. (A full gc.collect() before every call instead would cost ~0.2 s
+    # each with transformers imported; `compare` freezes the long-lived objects once instead.)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _synchronize()
+        start = time.perf_counter()
+        fn()
+        _synchronize()
+        return time.perf_counter() - start
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
-def speed_ratio(candidate_seconds: float, peer_seconds: float) -> float:
-    """peer time / candidate time: > 1 means the candidate is faster."""
-    return peer_seconds / candidate_seconds
+def speed_ratio(candidate_seconds: list[float], peer_seconds: list[float]) -> float:
+    """Median of the per-round ratios peer time / candidate time: > 1 means the candidate is faster."""
+    if len(candidate_seconds) != len(peer_seconds) or not candidate_seconds:
+        raise ValueError(
+            f"speed_ratio needs one candidate and one peer time per round, got {len(candidate_seconds)} and "
+            f"{len(peer_seconds)}."
+        )
+    return statistics.median(peer / candidate for candidate, peer in zip(candidate_seconds, peer_seconds))
 
 
 def memory_ratio(candidate_bytes: int, peer_bytes: int) -> float | None:
@@ -192,7 +241,6 @@ def compare(
     repeats: int = 5,
     warmup: int = 1,
     min_speed_ratio: float | None = None,
-    measure_memory: bool = True,
     description: str = "",
 ) -> dict:
     """Time ``candidate()`` against ``peer()`` in this process and return one metric's record.
@@ -204,7 +252,6 @@ def compare(
         repeats: timed calls per side; the medians are reported.
         warmup: untimed calls per side first (first-call allocations, lazy initialisation, caches).
         min_speed_ratio: the goal, ``speed_ratio >= min_speed_ratio``; None for an informational metric.
-        measure_memory: also measure each side's peak RSS growth in one extra call.
 
     The order alternates every round (A B, B A, A B, …): a plain A B A B sequence still lets B always follow A,
     so a slow-down that a call leaves behind for the next one would fall on one side only.
@@ -217,14 +264,22 @@ def compare(
     for _ in tqdm(range(warmup), desc=f"warm-up {label}", leave=False, disable=warmup == 0):
         candidate()
         peer()
-    for round_index in tqdm(range(repeats), desc=f"timing {label}", leave=False):
-        order = ("candidate", "peer") if round_index % 2 == 0 else ("peer", "candidate")
-        for side in order:
-            times[side].append(_timed(sides[side]))
+    # Collect once, then freeze the survivors (the models, the libraries): collections between timed calls only
+    # look at new objects and stay cheap.
+    gc.collect()
+    gc.freeze()
+    try:
+        for round_index in tqdm(range(repeats), desc=f"timing {label}", leave=False):
+            order = ("candidate", "peer") if round_index % 2 == 0 else ("peer", "candidate")
+            for side in order:
+                times[side].append(_timed(sides[side]))
+    finally:
+        gc.unfreeze()
 
     candidate_median = statistics.median(times["candidate"])
     peer_median = statistics.median(times["peer"])
-    ratio = speed_ratio(candidate_median, peer_median)
+    ratio = speed_ratio(times["candidate"], times["peer"])
+    round_ratios = [peer / candidate for candidate, peer in zip(times["candidate"], times["peer"])]
     record = {
         "description": description,
         "unit": unit,
@@ -238,15 +293,49 @@ def compare(
         "repeats": repeats,
         "warmup": warmup,
         "speed_ratio": ratio,
+        "speed_ratio_range": [min(round_ratios), max(round_ratios)],
+        "ratio_of_medians": peer_median / candidate_median,
         "goal": None if min_speed_ratio is None else f"speed_ratio >= {min_speed_ratio}",
         "min_speed_ratio": min_speed_ratio,
         "passed": None if min_speed_ratio is None else bool(ratio >= min_speed_ratio),
     }
-    if measure_memory:
-        record["candidate_peak_bytes"] = peak_memory_growth(candidate)
-        record["peer_peak_bytes"] = peak_memory_growth(peer)
-        record["memory_ratio"] = memory_ratio(record["candidate_peak_bytes"], record["peer_peak_bytes"])
     return record
+
+
+def _fix_mmap_threshold() -> None:
+    """Make glibc serve every allocation over 128 KiB with mmap and return it to the OS when freed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD; setting it turns the self-adjustment off
+    except (OSError, AttributeError):
+        pass
+
+
+def compare_peak_memory(
+    candidate: Callable[[], object], peer: Callable[[], object], *, repeats: int = 3, description: str = ""
+) -> dict:
+    """Peak RSS growth of ``candidate()`` and ``peer()`` (median over ``repeats`` calls each) and their ratio.
+
+    Call it after all timing in the process: it fixes glibc's mmap threshold for the rest of the process (see the
+    module docstring), which slows large allocations. Merge the returned record into the metric's `compare` record.
+    """
+    if repeats < 1:
+        raise ValueError(f"compare_peak_memory needs repeats >= 1, got {repeats}.")
+    _fix_mmap_threshold()
+    sides = {"candidate": candidate, "peer": peer}
+    peaks = {"candidate": [], "peer": []}
+    for _ in tqdm(range(repeats), desc=f"peak memory {description}".strip(), leave=False):
+        for side in ("candidate", "peer"):
+            peaks[side].append(peak_memory_growth(sides[side]))
+    candidate_bytes = int(statistics.median(peaks["candidate"]))
+    peer_bytes = int(statistics.median(peaks["peer"]))
+    return {
+        "candidate_peak_bytes": candidate_bytes,
+        "peer_peak_bytes": peer_bytes,
+        "candidate_peak_bytes_samples": peaks["candidate"],
+        "peer_peak_bytes_samples": peaks["peer"],
+        "memory_ratio": memory_ratio(candidate_bytes, peer_bytes),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
