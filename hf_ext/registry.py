@@ -40,8 +40,7 @@ def _register_model_family() -> None:
     HfExtConfig.register_for_auto_class()
     HfExtModel.register_for_auto_class("AutoModel")
     HfExtForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    HfExtForCausalLM.hub_publisher = push_with_model_card
-    HfExtModel.hub_publisher = push_with_model_card
+    HfExtForCausalLM.hub_publisher = push_with_model_card  # the card template describes a causal LM
 
 
 def registered_summary() -> dict[str, list[str]]:

@@ -95,3 +95,11 @@ def test_from_llama_on_real_smollm2():
     keep = batch["attention_mask"].bool()
     assert converted.config.num_hidden_layers == 30 and converted.config.num_key_value_heads == 3
     assert (actual[keep] - expected[keep]).abs().max().item() <= 1e-4
+
+
+def test_conversion_hands_tensors_over_without_copying():
+    source = AutoModelForCausalLM.from_config(SOURCES["llama"]()).eval()
+    pointers = {name: p.data_ptr() for name, p in source.named_parameters()}
+    converted = hf_ext.convert.from_llama(source)
+    for name, p in converted.named_parameters():
+        assert p.data_ptr() == pointers[name], name
