@@ -48,7 +48,9 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    from hf_ext.demo import DemoSettings, format_report, run_demo
+    from hf_ext.demo import format_report, run_demo
+
+    from hf_ext.demo import DemoSettings
 
     settings = DemoSettings(output_dir=Path(args.output_dir), preset=args.preset, max_steps=args.max_steps,
                             text_files=[Path(p) for p in args.text_file] or None, prompt=args.prompt,
@@ -90,6 +92,8 @@ def _convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hf_ext.demo import DemoSettings  # light: the demo's heavy imports happen inside its steps
+
     parser = argparse.ArgumentParser(prog="hf-ext", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -108,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "and print a report (loss before/after, tokens/s, checkpoint path). Writes report.json.")
     demo.add_argument("--text-file", action="append", default=[], metavar="PATH",
                       help="your own plain-text file (repeatable); default: the Python documentation")
-    demo.add_argument("--output-dir", default="hf_ext_demo_output", help="where the checkpoint and report go")
-    demo.add_argument("--preset", default="hfext-small", help="config preset from hub_configs/")
-    demo.add_argument("--max-steps", type=int, default=150, help="training steps (default 150)")
-    demo.add_argument("--batch-size", type=int, default=16, help="blocks of 128 tokens per step (default 16)")
-    demo.add_argument("--prompt", default="The Python standard library", help="text to continue")
+    defaults = DemoSettings()
+    demo.add_argument("--output-dir", default=str(defaults.output_dir), help="where the checkpoint and report go")
+    demo.add_argument("--preset", default=defaults.preset, help="config preset from hub_configs/")
+    demo.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                      help=f"training steps (default {defaults.max_steps})")
+    demo.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                      help=f"blocks of {defaults.block_size} tokens per step (default {defaults.batch_size})")
+    demo.add_argument("--prompt", default=defaults.prompt, help="text to continue")
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser(

@@ -26,7 +26,7 @@ class DemoSettings:
     preset: str = "hfext-small"
     vocab_size: int = 4096
     block_size: int = 128
-    max_steps: int = 150
+    max_steps: int = 300
     batch_size: int = 16
     learning_rate: float = 2e-3
     max_characters: int = 3_000_000  # of the default corpus, enough for a few minutes of training
@@ -193,13 +193,17 @@ def save_and_reload(run: DemoRun) -> None:
 
 
 def generate(run: DemoRun) -> None:
-    """Greedy continuation of the prompt with the reloaded model and its KV cache."""
+    """Greedy continuation of the prompt with the reloaded model and its KV cache.
+
+    A model this small and this briefly trained loops on frequent words under plain greedy search; blocking
+    repeated 3-grams (transformers' `no_repeat_ngram_size`) keeps the continuation readable.
+    """
     model, tokenizer = run.artifacts["model"], run.artifacts["tokenizer"]
     inputs = tokenizer(run.settings.prompt, return_tensors="pt")
     new = run.settings.new_tokens
     started = time.perf_counter()
     output = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
+                            no_repeat_ngram_size=3, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - started
     continuation = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     run.report["generation"] = {"prompt": run.settings.prompt, "continuation": continuation,
