@@ -11,9 +11,10 @@ check_versions()
 from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel, HfExtPreTrainedModel  # noqa: E402
 from .registry import register  # noqa: E402
 from . import convert, hub, ops  # noqa: E402
+from .attention import rerope_config  # noqa: E402
 
 __version__ = "0.1.0"
 
 register()
 
-__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "convert", "hub", "ops", "__version__"]
+__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "rerope_config", "convert", "hub", "ops", "__version__"]

@@ -8,10 +8,11 @@ Later capabilities add their registrations to `register()` and their names to th
 from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
+from .attention import ATTENTION_FUNCTIONS
 from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel
 
 # name -> (attention function, mask function): the `attn_implementation` values hf_ext adds to transformers.
-ATTENTION_IMPLEMENTATIONS: dict[str, tuple] = {}
+ATTENTION_IMPLEMENTATIONS: dict[str, tuple] = dict(ATTENTION_FUNCTIONS)
 
 _registered = False
 

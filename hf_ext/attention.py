@@ -1,0 +1,268 @@
+"""Attention implementations for existing RoPE checkpoints: `hfx_rerope`, `hfx_leaky_rerope`, `hfx_logn`.
+
+Used the ordinary way, with no transformers class patched::
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hfx_rerope")       # defaults
+    config = hf_ext.rerope_config(path, rerope_window=2048)                                   # or options
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="hfx_rerope")
+
+Options are config attributes, read at every call (so `model.config.rerope_window = 1024` takes effect at once).
+`rerope_config` sets and validates them; transformers itself ignores `from_pretrained` keyword arguments that its
+config class does not declare, so they cannot be passed that way to Llama/Qwen/Mistral checkpoints (they can to
+HfExt models, whose config declares them):
+
+=====================  =========================================  ==================================================
+option                 default                                    meaning
+=====================  =========================================  ==================================================
+`rerope_window`        `max_position_embeddings // 4`             distances below it are kept; beyond it they are
+                                                                  capped (ReRoPE) or compressed (Leaky)
+`rerope_leaky_factor`  16 (`hfx_leaky_rerope` only)               k: beyond the window, distance grows by 1/k a token
+`logn_scaling`         True for the ReRoPE variants               multiply query i by max(1, log(i+1) / log N)
+`logn_training_length` `max_position_embeddings`                  N above: the length the model was trained at
+=====================  =========================================  ==================================================
+
+How it works. Transformers calls these functions after it has rotated queries and keys and updated its KV cache, so
+they receive keys rotated at their own positions. The near logits use them as they are; for the far logits the keys
+are rotated back by their positions (ReRoPE) or to position p/k (Leaky), using the model's own rotary frequencies
+(`rope_theta`, llama3, yarn, linear). That costs O(L·d) element-wise work per call, the order of one QKᵀ product
+with a single query, so a decode step costs about twice the attention arithmetic of `sdpa`. (The HfExt model family
+avoids even that: its ReRoPE layers cache keys ready for the far product; see `HfExtConfig.rerope_mode`.)
+Positions are recomputed from the attention mask (tokens counted from the start of each row), so left-padded
+batches and `generate()` work; packed sequences with restarting position ids are rejected.
+"""
+
+import copy
+from functools import partial
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import prepare_padding_mask, sdpa_mask
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .models.hfext.ops_hfext import logn_query_scale
+from .models.hfext.rerope_hfext import (
+    far_key_positions,
+    far_query_positions,
+    key_positions_from_mask,
+    rerope_attention,
+    rotate_by,
+)
+
+DEFAULT_LEAKY_FACTOR = 16.0
+# Rotary types whose frequencies change with the sequence length at run time: the keys in the cache were rotated
+# with other frequencies than the current ones, so they cannot be rotated back exactly (and ReRoPE replaces them).
+_LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options and checks
+
+
+def _rotary_settings(config, head_dim: int, implementation: str) -> torch.Tensor:
+    """The model's rotary inverse frequencies [head_dim/2], or a ValueError saying why this model is unsupported."""
+    model_type = getattr(config, "model_type", type(config).__name__)
+    rope = getattr(config, "rope_parameters", None)
+    if not rope or "rope_type" not in rope:
+        raise ValueError(
+            f"attn_implementation={implementation!r} needs a model with rotary position embeddings (RoPE); "
+            f"{model_type} has none (no `rope_parameters`). Supported: RoPE decoders such as Llama, Mistral, Qwen2, "
+            "Qwen3, SmolLM."
+        )
+    partial_factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    if partial_factor != 1.0 or getattr(config, "rope_interleave", False):
+        raise ValueError(
+            f"attn_implementation={implementation!r} supports rotary embeddings over the whole head in the "
+            f"rotate-half layout; {model_type} uses partial_rotary_factor={partial_factor}"
+            f"{' and an interleaved layout' if getattr(config, 'rope_interleave', False) else ''}."
+        )
+    rope_type = rope["rope_type"]
+    if rope_type in _LENGTH_DEPENDENT_ROPE_TYPES:
+        raise ValueError(
+            f"attn_implementation={implementation!r} cannot be combined with rope_type={rope_type!r}, whose "
+            "frequencies change with the sequence length; ReRoPE replaces such scaling: load the model with its "
+            "original rope_parameters."
+        )
+    if rope_type == "default":
+        dim = torch.arange(0, head_dim, 2, dtype=torch.float32)
+        return 1.0 / (rope["rope_theta"] ** (dim / head_dim))
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
+    return inv_freq  # the attention_scaling of yarn multiplies q and k alike and survives the re-rotation
+
+
+def _option(config, name: str, default):
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+def rerope_options(config, leaky: bool) -> dict:
+    """Validated ReRoPE options of a config, defaults filled in (see the module docstring)."""
+    training_length = _option(config, "logn_training_length", config.max_position_embeddings)
+    window = _option(config, "rerope_window", max(1, config.max_position_embeddings // 4))
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"`rerope_window` must be a positive integer (a number of tokens), got {window!r}.")
+    factor = None
+    if leaky:
+        factor = _option(config, "rerope_leaky_factor", DEFAULT_LEAKY_FACTOR)
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+            raise ValueError(f"`rerope_leaky_factor` must be a number >= 1 (1 = plain RoPE), got {factor!r}.")
+        factor = float(factor)
+    logn = _option(config, "logn_scaling", True)
+    if not isinstance(logn, bool):
+        raise ValueError(f"`logn_scaling` must be True or False for attn_implementation ReRoPE, got {logn!r}.")
+    if not isinstance(training_length, int) or training_length < 2:
+        raise ValueError(f"`logn_training_length` must be an integer >= 2, got {training_length!r}.")
+    return {"window": window, "leaky_factor": factor, "logn": logn, "training_length": training_length}
+
+
+def rerope_config(config_or_path, *, rerope_window: int | None = None, rerope_leaky_factor: float | None = None,
+                  logn_scaling: bool | None = None, logn_training_length: int | None = None, **from_pretrained_kwargs):
+    """A checkpoint's config with the ReRoPE options set and checked, for `from_pretrained(..., config=...)`.
+
+    transformers applies only the attributes a config class declares when `from_pretrained` gets keyword
+    arguments, so options for a Llama/Qwen/Mistral checkpoint travel on its config::
+
+        config = hf_ext.rerope_config(path, rerope_window=2048)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="hfx_rerope")
+
+    Unsupported models (no RoPE, partial rotary, length-dependent rope types) and bad values raise here, at load,
+    instead of at the first forward pass. Options left at None keep their defaults (module docstring).
+    """
+    from transformers import AutoConfig
+
+    if isinstance(config_or_path, (str, bytes)) or hasattr(config_or_path, "__fspath__"):
+        config = AutoConfig.from_pretrained(config_or_path, **from_pretrained_kwargs)
+    else:
+        config = copy.deepcopy(config_or_path)
+    options = {"rerope_window": rerope_window, "rerope_leaky_factor": rerope_leaky_factor,
+               "logn_scaling": logn_scaling, "logn_training_length": logn_training_length}
+    for name, value in options.items():
+        if value is not None:
+            setattr(config, name, value)
+    rerope_options(config, leaky=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    _rotary_settings(config, head_dim, "hfx_rerope")
+    return config
+
+
+def _cached_inv_freq(module, config, head_dim: int, implementation: str) -> torch.Tensor:
+    # Derived from the config alone; kept on the module so decode steps do not recompute it.
+    key = (implementation, id(config), head_dim)
+    cached = module.__dict__.get("_hfx_inv_freq")
+    if cached is None or cached[0] != key:
+        cached = (key, _rotary_settings(config, head_dim, implementation))
+        module.__dict__["_hfx_inv_freq"] = cached
+    return cached[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mask factory: key positions instead of an L×L mask
+
+
+def key_positions_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None,
+                       device="cpu", **kwargs) -> torch.Tensor:
+    """Mask factory of the ReRoPE implementations: key positions [B, kv_length] (−1 = padding), not an L×L mask.
+
+    Causality, the ReRoPE window and sliding windows are applied from these positions inside the kernel, so no
+    quadratic mask is ever built.
+    """
+    padding = prepare_padding_mask(attention_mask, kv_length + kv_offset, 0) if attention_mask is not None else None
+    return key_positions_from_mask(padding, batch_size, kv_length, kv_offset, device)
+
+
+def _check_positions(key_positions: torch.Tensor, position_ids: torch.Tensor | None, q_len: int) -> None:
+    if position_ids is None:
+        return
+    expected = key_positions[:, -q_len:]
+    given = position_ids.expand_as(expected)
+    real = expected >= 0
+    if not torch.equal(given[real], expected[real]):
+        raise ValueError(
+            "ReRoPE attention needs position ids that count the tokens of each row from 0 (left or right padding "
+            "is fine); the given position_ids differ (packed sequences or custom offsets are not supported)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention functions
+
+
+def _logn_factor(key_positions, q_len, training_length, dtype):
+    query_positions = key_positions[:, -q_len:].clamp(min=0)
+    return logn_query_scale(query_positions, training_length)[:, None, :, None].to(dtype)
+
+
+def rerope_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             *, leaky: bool = False, **kwargs):
+    """`AttentionInterface` function of `hfx_rerope` / `hfx_leaky_rerope` (see the module docstring)."""
+    implementation = "hfx_leaky_rerope" if leaky else "hfx_rerope"
+    config = module.config
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attn_implementation={implementation!r} does not support attention logit soft-capping.")
+    options = rerope_options(config, leaky)
+    batch, _, q_len, head_dim = query.shape
+    inv_freq = _cached_inv_freq(module, config, head_dim, implementation)  # also rejects unsupported models
+    k_len = key.shape[2]
+    key_positions = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    if key_positions is None:  # called without our mask factory (e.g. a 4D mask built elsewhere): no padding known
+        key_positions = key_positions_from_mask(None, batch, k_len, 0, query.device)
+    _check_positions(key_positions, kwargs.get("position_ids"), q_len)
+    scaling = module.scaling if scaling is None else scaling
+    # HfExt layers apply their own log-n scaling and may have no RoPE at all.
+    uses_rope = getattr(module, "uses_rope", True)
+    if options["logn"] and not hasattr(module, "uses_logn"):
+        query = query * _logn_factor(key_positions, q_len, options["training_length"], query.dtype)
+    window = options["window"]
+    sliding_window = kwargs.get("sliding_window")
+    if not uses_rope:  # a NoPE layer: every logit is a "near" one
+        return rerope_attention(query, query, key, key, value, key_positions, k_len + q_len, scaling,
+                                sliding_window=sliding_window), None
+    if k_len <= window:
+        # No key is farther than the window: this is ordinary attention (mask at most window × window).
+        mask = _boolean_mask(key_positions, q_len, sliding_window)
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout)
+    positions = key_positions.clamp(min=0)
+    query_positions = positions[:, -q_len:]
+    leaky_factor = options["leaky_factor"]
+    # Rotate from the positions transformers used to the ones the far logits need.
+    query_far = rotate_by(query, far_query_positions(query_positions, window, leaky_factor) - query_positions, inv_freq)
+    key_far = rotate_by(key, far_key_positions(positions, leaky_factor) - positions, inv_freq)
+    tail = min(k_len, q_len + window - 1)
+    return rerope_attention(query, query_far, key[:, :, -tail:], key_far, value, key_positions, window, scaling,
+                            sliding_window=sliding_window), None
+
+
+def _boolean_mask(key_positions: torch.Tensor, q_len: int, sliding_window: int | None) -> torch.Tensor:
+    """[B, 1, Lq, Lk] causal (and sliding-window) mask with padding, for the short-context sdpa path."""
+    k_len = key_positions.shape[-1]
+    query_index = torch.arange(k_len - q_len, k_len, device=key_positions.device)[:, None]
+    distance = query_index - torch.arange(k_len, device=key_positions.device)[None, :]
+    allowed = distance >= 0
+    if sliding_window is not None:
+        allowed = allowed & (distance < sliding_window)
+    return (allowed[None] & (key_positions >= 0)[:, None, :])[:, None]
+
+
+def logn_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`hfx_logn`: sdpa (and its usual mask) with query i scaled by max(1, log(p_i + 1) / log N).
+
+    Only the new queries are scaled, from their own positions, so cached keys and values stay valid.
+    """
+    config = module.config
+    training_length = getattr(config, "logn_training_length", None) or config.max_position_embeddings
+    if not isinstance(training_length, int) or training_length < 2:
+        raise ValueError(f"`logn_training_length` must be an integer >= 2, got {training_length!r}.")
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        raise ValueError("attn_implementation='hfx_logn' needs the position_ids of the queries (the model passes "
+                         "them to its attention function; this one did not).")
+    if not hasattr(module, "uses_logn"):  # HfExt layers scale their own queries (config.logn_scaling)
+        factor = logn_query_scale(position_ids.clamp(min=0), training_length)
+        query = query * factor[:, None, :, None].to(query.dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+ATTENTION_FUNCTIONS = {
+    "hfx_rerope": (partial(rerope_attention_forward, leaky=False), key_positions_mask),
+    "hfx_leaky_rerope": (partial(rerope_attention_forward, leaky=True), key_positions_mask),
+    "hfx_logn": (logn_attention_forward, sdpa_mask),
+}

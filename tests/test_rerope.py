@@ -1,0 +1,283 @@
+"""ReRoPE / Leaky ReRoPE / log-n for existing RoPE checkpoints: float64 oracle, degeneracies, cache consistency."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import hf_ext  # noqa: F401  (registers the implementations)
+from hf_ext.models.hfext.ops_hfext import rotate_half
+from hf_ext.models.hfext.rerope_hfext import rerope_attention
+
+SIZES = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.25)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**SIZES, rope_parameters={"rope_type": "default", "rope_theta": 100.0}),
+    "llama3-rope": lambda: LlamaConfig(**SIZES, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "mistral": lambda: MistralConfig(**SIZES, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**SIZES),
+    "qwen3": lambda: Qwen3Config(**SIZES, head_dim=16),
+}
+IMPLEMENTATIONS = ["hfx_rerope", "hfx_leaky_rerope"]
+
+
+def load(family: str, implementation: str, dtype=torch.float32, **options):
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=implementation, dtype=dtype)
+    model.load_state_dict(reference.state_dict())
+    for name, value in options.items():
+        setattr(model.config, name, value)
+    return model.eval(), reference
+
+
+def ids(batch=2, length=40, seed=1):
+    return torch.randint(3, 101, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The float64 oracle: apply the remapped relative position to each (query, key) pair explicitly.
+
+
+def remapped(distance: int, window: int, leaky_factor: float | None) -> float:
+    if distance < window:
+        return float(distance)
+    return float(window) if leaky_factor is None else window + (distance - window) / leaky_factor
+
+
+def rotate(x: torch.Tensor, angle_positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    angles = angle_positions[..., None].double() * inv_freq.double()
+    angles = torch.cat((angles, angles), -1)
+    return x * angles.cos() + rotate_half(x) * angles.sin()
+
+
+def oracle_attention(q_raw, k_raw, v, positions, window, leaky_factor, scaling, inv_freq, logn_length=None):
+    """softmax_j((R_{f(i-j)} q_i)·k_j · scale) v over causal, non-padded keys, one pair at a time. float64."""
+    batch, heads, length, dim = q_raw.shape
+    groups = heads // k_raw.shape[1]
+    k_raw, v = k_raw.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = torch.zeros(batch, heads, length, v.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        for i in range(length):
+            if positions[b, i] < 0:
+                continue
+            keys = [j for j in range(i + 1) if positions[b, j] >= 0]
+            logn = max(1.0, math.log(positions[b, i].item() + 1) / math.log(logn_length)) if logn_length else 1.0
+            logits = []
+            for j in keys:
+                distance = torch.tensor(remapped(int(positions[b, i] - positions[b, j]), window, leaky_factor))
+                logits.append((rotate(q_raw[b, :, i] * logn, distance, inv_freq) * k_raw[b, :, j]).sum(-1))
+            weights = (torch.stack(logits, -1) * scaling).softmax(-1)
+            out[b, :, i] = torch.einsum("hk,hkd->hd", weights, v[b][:, keys])
+    return out
+
+
+@pytest.mark.parametrize("leaky_factor", [None, 4.0], ids=["rerope", "leaky"])
+@pytest.mark.parametrize("block_size", [3, None])
+def test_kernel_equals_the_float64_oracle(leaky_factor, block_size):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim, window = 2, 4, 2, 13, 8, 4
+    inv_freq = 1.0 / (10.0 ** (torch.arange(0, dim, 2).double() / dim))
+    q = torch.randn(batch, heads, length, dim, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, length, 5, dtype=torch.float64)
+    positions = torch.arange(length).repeat(batch, 1)
+    positions[1, :3] = -1  # left padding
+    positions[1, 3:] = torch.arange(length - 3)
+    pos = positions.clamp(min=0).double()
+    far_q = torch.full_like(pos, window) if leaky_factor is None else (pos - window) / leaky_factor + window
+    far_k = torch.zeros_like(pos) if leaky_factor is None else pos / leaky_factor
+    rot = lambda x, p: rotate(x, p[:, None], inv_freq)  # noqa: E731
+    out = rerope_attention(rot(q, pos), rot(q, far_q), rot(k, pos), rot(k, far_k), v, positions, window, 0.3,
+                           block_size=block_size)
+    expected = oracle_attention(q, k, v, positions, window, leaky_factor, 0.3, inv_freq).transpose(1, 2)
+    real = positions >= 0
+    torch.testing.assert_close(out[real], expected[real], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_model_equals_the_float64_oracle_with_logn(implementation):
+    """A whole Llama with hfx_(leaky_)rerope equals the same Llama whose attention is the explicit oracle."""
+    leaky = 3.0 if implementation == "hfx_leaky_rerope" else None
+    options = dict(rerope_window=5, logn_scaling=True, logn_training_length=8)
+    if leaky:
+        options["rerope_leaky_factor"] = leaky
+    model, _ = load("llama", implementation, torch.float64, **options)
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+
+    def oracle(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        positions = kwargs["position_ids"].expand(query.shape[0], -1)
+        # undo the model's rotation to get the raw projections, then apply the remapped distances explicitly
+        q_raw = rotate(query, -positions[:, None].double(), inv_freq)
+        k_raw = rotate(key, -positions[:, None].double(), inv_freq)
+        out = oracle_attention(q_raw, k_raw, value, positions, 5, leaky, scaling, inv_freq, logn_length=8)
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("test_rerope_oracle", oracle)
+    AttentionMaskInterface.register("test_rerope_oracle", sdpa_mask)
+    # from_config shares the config object and sets its attention implementation: always give it a copy
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="test_rerope_oracle",
+                                                 dtype=torch.float64).eval()
+    reference.load_state_dict(model.state_dict())
+    tokens = ids(1, 16)
+    assert model.config._attn_implementation == implementation
+    # transformers rotates in float32 even for float64 models, so the un-rotation is exact to ~1e-7 only
+    torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=0, atol=1e-5)
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="sdpa",
+                                             dtype=torch.float64).eval()
+    plain.load_state_dict(model.state_dict())
+    assert (plain(tokens).logits - model(tokens).logits).abs().max() > 1e-3  # the remap really changes the output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Degenerate settings
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_window_covering_the_sequence_is_identical_to_sdpa(implementation):
+    model, reference = load("qwen2", implementation, rerope_window=64, logn_scaling=False)
+    tokens = ids()
+    assert torch.equal(model(tokens).logits, reference(tokens).logits)
+
+
+def test_leaky_factor_one_is_plain_rope():
+    model, reference = load("llama", "hfx_leaky_rerope", rerope_window=4, rerope_leaky_factor=1.0, logn_scaling=False)
+    tokens = ids()
+    torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=0, atol=1e-5)
+
+
+def test_logn_alone_leaves_the_training_range_untouched_and_scales_beyond():
+    model, reference = load("llama", "hfx_logn", logn_training_length=16)
+    tokens = ids(2, 24)
+    logits, expected = model(tokens).logits, reference(tokens).logits
+    torch.testing.assert_close(logits[:, :16], expected[:, :16], rtol=0, atol=1e-5)
+    assert (logits[:, 16:] - expected[:, 16:]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache consistency: prefill of n+1 tokens == prefill of n plus one cached decode step
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "hfx_logn"])
+@pytest.mark.parametrize("n", [3, 7, 8, 30])  # window 8: n < w, n ≈ w, n ≫ w
+def test_decode_step_equals_prefill(family, implementation, n):
+    model, _ = load(family, implementation, rerope_window=8, logn_training_length=12)
+    tokens = ids(3, n + 1)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0  # left padding in one row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(tokens, attention_mask=mask, position_ids=positions).logits[:, -1]
+    prefix = model(tokens[:, :n], attention_mask=mask[:, :n], position_ids=positions[:, :n], use_cache=True)
+    step = model(tokens[:, n:], attention_mask=mask, position_ids=positions[:, n:],
+                 past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+    assert (full - step).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "hfx_logn"])
+def test_generate_with_cache_equals_without_and_with_left_padding(implementation):
+    model, _ = load("llama", implementation, rerope_window=6, logn_training_length=10)
+    prompt = ids(1, 9, seed=4)
+    settings = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, **settings)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **settings))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
+    other = ids(1, 12, seed=5)
+    batch = torch.cat([padded, other])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    batched = model.generate(batch, attention_mask=mask, **settings)
+    assert torch.equal(batched[0, 3:], cached[0])
+    assert torch.equal(batched[1], model.generate(other, **settings)[0])
+
+
+def test_sliding_window_checkpoint_keeps_its_window():
+    """Mistral with a sliding window: ReRoPE applies inside the sliding window, nothing beyond it is attended."""
+    torch.manual_seed(0)
+    config = MistralConfig(**SIZES, sliding_window=10)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="hfx_rerope").eval()
+    model.config.rerope_window = 4
+    tokens = ids(2, 24)
+    full = model(tokens).logits[:, -1]
+    prefix = model(tokens[:, :23], use_cache=True)
+    step = model(tokens[:, 23:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+    assert (full - step).abs().max() <= 1e-4
+    changed = tokens.clone()
+    changed[:, :5] = 3  # beyond the two layers' reach of 2 × 9 tokens
+    torch.testing.assert_close(model(changed).logits[:, -1], full, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clear errors
+
+
+def test_non_rope_model_is_rejected_with_a_clear_error():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50),
+                                             attn_implementation="hfx_rerope")
+    with pytest.raises(ValueError, match=r"needs a model with rotary position embeddings.*gpt2"):
+        model(torch.randint(0, 50, (1, 40)))
+
+
+def test_partial_rotary_model_is_rejected_with_a_clear_error():
+    config = LlamaConfig(**SIZES, rope_parameters={"rope_type": "default", "rope_theta": 100.0,
+                                                   "partial_rotary_factor": 0.5})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="hfx_rerope")
+    model.config.rerope_window = 4
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
+        model(ids(1, 20))
+
+
+def test_dynamic_rope_is_rejected():
+    config = LlamaConfig(**SIZES, rope_parameters={"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="hfx_rerope")
+    model.config.rerope_window = 4
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        model(ids(1, 20))
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("rerope_window", 0, "`rerope_window` must be a positive integer"),
+     ("rerope_window", 2.5, "`rerope_window` must be a positive integer"),
+     ("rerope_leaky_factor", 0.5, "`rerope_leaky_factor` must be a number >= 1"),
+     ("logn_scaling", "yes", "`logn_scaling` must be True or False")],
+)
+def test_bad_options_name_the_option(option, value, message):
+    model, _ = load("llama", "hfx_leaky_rerope", **{option: value})
+    with pytest.raises(ValueError, match=message):
+        model(ids(1, 20))
+
+
+def test_options_through_rerope_config_and_from_pretrained(tmp_path):
+    _, reference = load("llama", "sdpa")
+    reference.save_pretrained(tmp_path)
+    config = hf_ext.rerope_config(tmp_path, rerope_window=6, rerope_leaky_factor=8.0, logn_scaling=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, config=config, attn_implementation="hfx_leaky_rerope")
+    assert (model.config.rerope_window, model.config.rerope_leaky_factor) == (6, 8.0)
+    tokens = ids(1, 30)
+    assert (model(tokens).logits - reference(tokens).logits).abs().max() > 1e-3
+    # the options survive save/load with the config
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="hfx_leaky_rerope")
+    torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_rerope_config_rejects_unsupported_models_at_load(tmp_path):
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs a model with rotary position embeddings"):
+        hf_ext.rerope_config(tmp_path)
+    with pytest.raises(ValueError, match="`rerope_window` must be a positive integer"):
+        hf_ext.rerope_config(FAMILIES["llama"](), rerope_window=-3)
