@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_ext  # noqa: F401  (registers the implementations)
 from hf_ext.models.hfext.ops_hfext import rotate_half
-from hf_ext.models.hfext.rerope_hfext import rerope_attention
+from hf_ext.models.hfext.rerope_hfext import rerope_attention, rerope_attention_blockwise
 
 SIZES = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.25)
@@ -85,27 +85,38 @@ def oracle_attention(q_raw, k_raw, v, positions, window, leaky_factor, scaling, 
     return out
 
 
+@pytest.mark.parametrize("kernel", [rerope_attention, rerope_attention_blockwise], ids=["fused", "blockwise"])
 @pytest.mark.parametrize("leaky_factor", [None, 4.0], ids=["rerope", "leaky"])
 @pytest.mark.parametrize("block_size", [3, None])
-def test_kernel_equals_the_float64_oracle(leaky_factor, block_size):
+@pytest.mark.parametrize("q_len", [13, 4, 1], ids=["prefill", "chunk", "decode"])
+def test_kernels_equal_the_float64_oracle(kernel, leaky_factor, block_size, q_len):
     torch.manual_seed(0)
-    batch, heads, kv_heads, length, dim, window = 2, 4, 2, 13, 8, 4
+    batch, heads, kv_heads, length, dim, window = 3, 4, 2, 13, 8, 4
     inv_freq = 1.0 / (10.0 ** (torch.arange(0, dim, 2).double() / dim))
     q = torch.randn(batch, heads, length, dim, dtype=torch.float64)
     k = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
-    v = torch.randn(batch, kv_heads, length, 5, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
     positions = torch.arange(length).repeat(batch, 1)
     positions[1, :3] = -1  # left padding
     positions[1, 3:] = torch.arange(length - 3)
+    positions[2, -2:] = -1  # right padding
     pos = positions.clamp(min=0).double()
     far_q = torch.full_like(pos, window) if leaky_factor is None else (pos - window) / leaky_factor + window
     far_k = torch.zeros_like(pos) if leaky_factor is None else pos / leaky_factor
     rot = lambda x, p: rotate(x, p[:, None], inv_freq)  # noqa: E731
-    out = rerope_attention(rot(q, pos), rot(q, far_q), rot(k, pos), rot(k, far_k), v, positions, window, 0.3,
-                           block_size=block_size)
+    tail = min(length, q_len + window - 1)
+    out = kernel(rot(q, pos)[:, :, -q_len:], rot(q, far_q)[:, :, -q_len:], rot(k, pos)[:, :, -tail:],
+                 rot(k, far_k), v, positions, window, 0.3, block_size=block_size)
     expected = oracle_attention(q, k, v, positions, window, leaky_factor, 0.3, inv_freq).transpose(1, 2)
-    real = positions >= 0
-    torch.testing.assert_close(out[real], expected[real], rtol=0, atol=1e-12)
+    real = positions[:, -q_len:] >= 0
+    torch.testing.assert_close(out[real], expected[:, -q_len:][real], rtol=0, atol=1e-12)
+
+
+def test_padding_between_tokens_is_rejected():
+    q = torch.randn(1, 2, 6, 4)
+    positions = torch.tensor([[0, 1, -1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="padding at the start or the end of a row only"):
+        rerope_attention(q, q, q, q, q, positions, 2, 0.5)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -78,7 +78,7 @@ def _default_block_size(batch: int, heads: int, keys: int, budget_elements: int 
     return int(min(1024, max(16, rows)))
 
 
-def rerope_attention(
+def rerope_attention_blockwise(
     query_near: torch.Tensor,
     query_far: torch.Tensor,
     key_near_tail: torch.Tensor,
@@ -90,7 +90,9 @@ def rerope_attention(
     sliding_window: int | None = None,
     block_size: int | None = None,
 ) -> torch.Tensor:
-    """Exact ReRoPE / Leaky ReRoPE attention over rotated inputs; returns [B, Lq, H, Dv].
+    """Exact ReRoPE / Leaky ReRoPE attention with explicit score blocks (sliding windows, any device).
+
+    Arguments and result as for `rerope_attention`; rows may be padded at their start and end only.
 
     Args:
         query_near: [B, H, Lq, D], queries rotated at their positions (ordinary RoPE).
@@ -156,3 +158,151 @@ def rerope_attention(
         outputs.append(probabilities @ value[:, :, None, :last_key])  # [B, Hkv, G, rows, Dv]
     out = torch.cat(outputs, dim=3).view(batch, heads, q_len, -1)
     return out.transpose(1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast path: fused attention passes merged by their log-sum-exp
+
+
+def attention_with_lse(query, key, value, scale: float, is_causal: bool = False, mask=None):
+    """softmax(q kᵀ · scale [+ mask]) v and its row log-sum-exp: ([B, H, Lq, Dv], float [B, H, Lq]).
+
+    Key/value heads may be fewer than query heads (grouped-query attention). ``is_causal`` aligns the causal mask
+    top-left (query r sees keys ≤ r). On CPU this is torch's fused flash kernel (a private op, wrapped only here);
+    elsewhere, or when values are narrower than keys, an explicit computation.
+    """
+    if query.device.type == "cpu" and query.shape[-1] == value.shape[-1]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = (query @ key.transpose(-1, -2)).to(torch.promote_types(query.dtype, torch.float32)) * scale
+    if is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if mask is not None:
+        scores = scores + mask
+    lse = scores.logsumexp(-1)
+    weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return weights.to(value.dtype) @ value, lse
+
+
+class _SoftmaxAccumulator:
+    """Merges partial attention results over disjoint key sets: o = Σ e^{l_p} o_p / Σ e^{l_p}."""
+
+    def __init__(self, batch, heads, q_len, v_dim, dtype, device):
+        precision = torch.promote_types(dtype, torch.float32)
+        self.out = torch.zeros(batch, heads, q_len, v_dim, dtype=precision, device=device)
+        self.lse = torch.full((batch, heads, q_len), float("-inf"), dtype=precision, device=device)
+
+    def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
+        old = self.lse[:, :, rows]
+        new = torch.logaddexp(old, lse.to(old.dtype))
+        keep = torch.exp(old - new).nan_to_num(0.0)[..., None]
+        take = torch.exp(lse - new).nan_to_num(0.0)[..., None]
+        self.out[:, :, rows] = self.out[:, :, rows] * keep + out.to(self.out.dtype) * take
+        self.lse[:, :, rows] = new
+
+
+def _rerope_prefix_padded(query_near, query_far, key_near_tail, key_far, value, pad, window, scaling, block_size):
+    """Fast path for rows sharing `pad` leading padded keys (and possibly trailing ones). Returns [B, H, Lq, Dv]."""
+    batch, heads, q_len, _ = query_near.shape
+    k_len = key_far.shape[2]
+    first = k_len - q_len  # key index of query 0
+    acc = _SoftmaxAccumulator(batch, heads, q_len, value.shape[-1], value.dtype, value.device)
+
+    # Far logits: query r may use keys pad … first + r − window. Let c = first − window − pad.
+    far_end = k_len - window  # no query reaches key far_end or beyond with a far logit
+    if far_end > pad:
+        c = first - window - pad
+        if c >= 0:
+            # keys pad … pad + c are far for every query; the next q_len − 1 keys follow a strict causal staircase
+            acc.add(slice(0, q_len), *attention_with_lse(
+                query_far, key_far[:, :, pad : pad + c + 1], value[:, :, pad : pad + c + 1], scaling))
+            if q_len > 1:
+                acc.add(slice(1, q_len), *attention_with_lse(
+                    query_far[:, :, 1:], key_far[:, :, pad + c + 1 : far_end], value[:, :, pad + c + 1 : far_end],
+                    scaling, is_causal=True))
+        else:
+            # queries before row −c have no far key; the others see a causal staircase of keys from `pad` on
+            acc.add(slice(-c, q_len), *attention_with_lse(
+                query_far[:, :, -c:], key_far[:, :, pad:far_end], value[:, :, pad:far_end], scaling, is_causal=True))
+
+    # Near logits: query r uses keys max(pad, first + r − window + 1) … first + r, in blocks of queries.
+    tail_start = k_len - key_near_tail.shape[2]
+    first_real_row = max(0, pad - first)
+    block = block_size or 256  # measured: smaller bands waste less of the masked work, larger ones cost more calls
+    for start in range(first_real_row, q_len, block):
+        stop = min(q_len, start + block)
+        key_start = max(pad, first + start - window + 1)
+        key_stop = first + stop
+        query_index = torch.arange(first + start, first + stop, device=value.device)[:, None]
+        distance = query_index - torch.arange(key_start, key_stop, device=value.device)[None, :]
+        allowed = (distance >= 0) & (distance < window)
+        mask = torch.zeros(allowed.shape, dtype=acc.out.dtype, device=value.device).masked_fill(~allowed, float("-inf"))
+        acc.add(slice(start, stop), *attention_with_lse(
+            query_near[:, :, start:stop], key_near_tail[:, :, key_start - tail_start : key_stop - tail_start],
+            value[:, :, key_start:key_stop], scaling, mask=mask.to(query_near.dtype)))
+    return acc.out.to(value.dtype)
+
+
+def _leading_padding(key_positions: torch.Tensor) -> torch.Tensor | None:
+    """Per row, the number of leading padded keys, if every row is [padding] + p, p+1, p+2, … + [padding]; else None."""
+    real = key_positions >= 0
+    pad = real.long().argmax(-1)
+    index = torch.arange(key_positions.shape[-1], device=key_positions.device)
+    first_position = key_positions.gather(-1, pad[:, None])
+    expected = index[None, :] - pad[:, None] + first_position
+    return pad if bool(torch.where(real, key_positions == expected, True).all()) else None
+
+
+def rerope_attention(
+    query_near: torch.Tensor,
+    query_far: torch.Tensor,
+    key_near_tail: torch.Tensor,
+    key_far: torch.Tensor,
+    value: torch.Tensor,
+    key_positions: torch.Tensor,
+    window: int,
+    scaling: float,
+    sliding_window: int | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Exact ReRoPE / Leaky ReRoPE attention over rotated inputs; returns [B, Lq, H, Dv].
+
+    Args:
+        query_near: [B, H, Lq, D], queries rotated at their positions (ordinary RoPE).
+        query_far: [B, H, Lq, D], queries rotated at `far_query_positions`.
+        key_near_tail: [B, Hkv, T, D], the last T = min(Lk, Lq + window − 1) keys rotated at their positions: the
+            only keys that can be within the window of a query.
+        key_far: [B, Hkv, Lk, D], every key rotated at `far_key_positions` (ReRoPE: un-rotated).
+        value: [B, Hkv, Lk, Dv].
+        key_positions: [B, Lk] integer positions, −1 for padded keys; the queries sit at the last Lq of them.
+        window: w ≥ 1, the distances kept as they are.
+        scaling: the softmax scale (usually head_dim ** −0.5).
+        sliding_window: if set, keys at distance ≥ sliding_window are not attended (sliding-window layers).
+        block_size: query rows per block.
+
+    Rows may be padded at their start and end (what tokenizers and `generate` produce), not in between: distances
+    are counted in tokens. The far logits are two fused causal attention passes over (far query, far key), the near
+    ones a fused pass per block of queries over a band of keys, merged by log-sum-exp; nothing quadratic in L is
+    built. Sliding-window layers use `rerope_attention_blockwise`.
+    """
+    pad = _leading_padding(key_positions)
+    if pad is None:
+        raise ValueError(
+            "ReRoPE attention supports padding at the start or the end of a row only (positions 0, 1, 2, … in "
+            "between); this attention mask has padding between real tokens."
+        )
+    if sliding_window is not None:
+        return rerope_attention_blockwise(query_near, query_far, key_near_tail, key_far, value, key_positions,
+                                          window, scaling, sliding_window=sliding_window, block_size=block_size)
+    outputs = torch.empty(query_near.shape[:3] + (value.shape[-1],), dtype=value.dtype, device=value.device)
+    for amount in pad.unique().tolist():
+        rows = (pad == amount).nonzero().flatten()
+        if rows.numel() == pad.numel():
+            rows = slice(None)  # the whole batch shares one layout: no gather
+        outputs[rows] = _rerope_prefix_padded(query_near[rows], query_far[rows], key_near_tail[rows], key_far[rows],
+                                              value[rows], amount, window, scaling, block_size)
+    return outputs.transpose(1, 2).contiguous()
