@@ -41,6 +41,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .models.hfext.ops_hfext import logn_query_scale
 from .models.hfext.rerope_hfext import (
+    check_query_positions,
     far_key_positions,
     far_query_positions,
     key_positions_from_mask,
@@ -107,6 +108,8 @@ def rerope_options(config, leaky: bool) -> dict:
             raise ValueError(f"`rerope_leaky_factor` must be a number >= 1 (1 = plain RoPE), got {factor!r}.")
         factor = float(factor)
     logn = _option(config, "logn_scaling", True)
+    if isinstance(logn, list):  # an HfExt config: its layers apply their own per-layer log-n scaling
+        logn = False
     if not isinstance(logn, bool):
         raise ValueError(f"`logn_scaling` must be True or False for attn_implementation ReRoPE, got {logn!r}.")
     if not isinstance(training_length, int) or training_length < 2:
@@ -169,19 +172,6 @@ def key_positions_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
     return key_positions_from_mask(padding, batch_size, kv_length, kv_offset, device)
 
 
-def _check_positions(key_positions: torch.Tensor, position_ids: torch.Tensor | None, q_len: int) -> None:
-    if position_ids is None:
-        return
-    expected = key_positions[:, -q_len:]
-    given = position_ids.expand_as(expected)
-    real = expected >= 0
-    if not torch.equal(given[real], expected[real]):
-        raise ValueError(
-            "ReRoPE attention needs position ids that count the tokens of each row from 0 (left or right padding "
-            "is fine); the given position_ids differ (packed sequences or custom offsets are not supported)."
-        )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The attention functions
 
@@ -205,7 +195,7 @@ def rerope_attention_forward(module, query, key, value, attention_mask, scaling=
     key_positions = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     if key_positions is None:  # called without our mask factory (e.g. a 4D mask built elsewhere): no padding known
         key_positions = key_positions_from_mask(None, batch, k_len, 0, query.device)
-    _check_positions(key_positions, kwargs.get("position_ids"), q_len)
+    check_query_positions(key_positions, kwargs.get("position_ids"), q_len)
     scaling = module.scaling if scaling is None else scaling
     # HfExt layers apply their own log-n scaling and may have no RoPE at all.
     uses_rope = getattr(module, "uses_rope", True)

@@ -15,6 +15,8 @@ from transformers.modeling_rope_utils import RopeParameters
 HFEXT_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Position encoding of a layer: `rope` rotates queries and keys, `none` leaves them as they are (NoPE).
 HFEXT_POSITION_ENCODINGS = ("rope", "none")
+# How RoPE layers treat distances beyond `rerope_window` at run time (see `rerope_mode`).
+HFEXT_REROPE_MODES = ("off", "rerope", "leaky_rerope")
 
 
 def _describe(value) -> str:
@@ -65,6 +67,13 @@ class HfExtConfig(PreTrainedConfig):
             `max_position_embeddings`.
         logn_clip_min (`float`, *optional*): lower bound of the log-n factor (1.0: identity inside the training
             length; `None`: no clipping).
+        rerope_mode (`str`): `"off"` (plain RoPE: what you train with), `"rerope"` or `"leaky_rerope"`: RoPE layers
+            keep distances below `rerope_window` and cap (ReRoPE) or compress (Leaky ReRoPE) longer ones, so the
+            model never sees a distance it was not trained on. The switch between training and inference of
+            HWFA+ReRoPE models; it is saved with the config. Sliding layers whose window is not larger than
+            `rerope_window` are unaffected. Switch it between generations, not within one (the cache layout differs).
+        rerope_window (`int`, *optional*): the kept distance w; defaults to `max_position_embeddings // 4`.
+        rerope_leaky_factor (`float`): k of Leaky ReRoPE: beyond the window a token adds 1/k to the distance.
     """
 
     model_type = "hf_ext"
@@ -112,6 +121,9 @@ class HfExtConfig(PreTrainedConfig):
     logn_scaling: bool | list[bool] = False
     logn_training_length: int | None = None
     logn_clip_min: float | None = 1.0
+    rerope_mode: str = "off"
+    rerope_window: int | None = None
+    rerope_leaky_factor: int | float = 16.0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
@@ -128,6 +140,8 @@ class HfExtConfig(PreTrainedConfig):
             self.logn_scaling = [self.logn_scaling] * self.num_hidden_layers
         if self.logn_training_length is None:
             self.logn_training_length = self.max_position_embeddings
+        if self.rerope_window is None and isinstance(self.max_position_embeddings, int):
+            self.rerope_window = max(1, self.max_position_embeddings // 4)
         # Checked here, not only in @strict's validators, because those wrap every error in a
         # StrictDataclassClassValidationError; a plain ValueError is what callers catch.
         self.validate_architecture()
@@ -195,6 +209,14 @@ class HfExtConfig(PreTrainedConfig):
                 )
         if self.logn_clip_min is not None and self.logn_clip_min < 0:
             raise ValueError(f"`logn_clip_min` must be None or >= 0, got {_describe(self.logn_clip_min)}.")
+        if self.rerope_mode not in HFEXT_REROPE_MODES:
+            raise ValueError(f"`rerope_mode` is {self.rerope_mode!r}; allowed values are {list(HFEXT_REROPE_MODES)}.")
+        if not isinstance(self.rerope_window, int) or isinstance(self.rerope_window, bool) or self.rerope_window < 1:
+            raise ValueError(f"`rerope_window` must be a positive integer, got {_describe(self.rerope_window)}.")
+        if isinstance(self.rerope_leaky_factor, bool) or self.rerope_leaky_factor < 1:
+            raise ValueError(
+                f"`rerope_leaky_factor` must be a number >= 1 (1 = plain RoPE), got {_describe(self.rerope_leaky_factor)}."
+            )
         if any(self.logn_scaling) and self.logn_training_length < 2:
             raise ValueError(
                 f"`logn_training_length` must be at least 2 (it is the base of a logarithm), "
@@ -202,4 +224,4 @@ class HfExtConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["HfExtConfig", "HFEXT_LAYER_TYPES", "HFEXT_POSITION_ENCODINGS"]
+__all__ = ["HfExtConfig", "HFEXT_LAYER_TYPES", "HFEXT_POSITION_ENCODINGS", "HFEXT_REROPE_MODES"]

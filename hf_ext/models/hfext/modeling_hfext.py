@@ -31,6 +31,14 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hfext import HfExtConfig
 from .ops_hfext import apply_rotary, logn_query_scale, repeat_kv
+from .rerope_hfext import (
+    check_query_positions,
+    far_key_positions,
+    far_query_positions,
+    key_positions_from_mask,
+    rerope_attention,
+    rotate_by,
+)
 
 
 class HfExtRMSNorm(nn.Module):
@@ -112,13 +120,14 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ · scaling + mask) v with an fp32 softmax; returns [batch, seq, heads, dim] and the weights."""
+    """softmax(q kᵀ · scaling + mask) v, softmax in fp32 or wider; returns [batch, seq, heads, dim] and the weights."""
     key_states = repeat_kv(key, module.num_key_value_groups)
     value_states = repeat_kv(value, module.num_key_value_groups)
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)  # fp32 for half precision, fp64 stays fp64
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
     return attn_output, attn_weights
@@ -151,6 +160,15 @@ class HfExtAttention(nn.Module):
             self.q_norm = HfExtRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = HfExtRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
+    def uses_rerope(self) -> bool:
+        """Whether this layer applies the config's `rerope_mode` (read at call time, so the switch is immediate)."""
+        config = self.config
+        return (
+            config.rerope_mode != "off"
+            and self.uses_rope
+            and (self.sliding_window is None or self.sliding_window > config.rerope_window)
+        )
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -158,6 +176,7 @@ class HfExtAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         past_key_values: Cache | None = None,
+        rerope_inputs: dict | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -171,16 +190,20 @@ class HfExtAttention(nn.Module):
         key_states = key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        if self.uses_rope:
-            cos, sin = position_embeddings
-            query_states = apply_rotary(query_states, cos, sin)
-            key_states = apply_rotary(key_states, cos, sin)
         if self.uses_logn:
             # A per-query scalar commutes with the rotation and leaves the cache untouched.
             factor = logn_query_scale(
                 position_ids, self.config.logn_training_length, self.config.logn_clip_min, self.sliding_window
             )
             query_states = query_states * factor[:, None, :, None].to(query_states.dtype)
+        if rerope_inputs is not None and self.uses_rerope():
+            attn_output = self._rerope(query_states, key_states, value_states, position_ids, past_key_values,
+                                       **rerope_inputs[self.layer_type])
+            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
+        if self.uses_rope:
+            cos, sin = position_embeddings
+            query_states = apply_rotary(query_states, cos, sin)
+            key_states = apply_rotary(key_states, cos, sin)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -202,6 +225,31 @@ class HfExtAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+
+    def _rerope(self, query, key, value, position_ids, past_key_values, key_positions, inv_freq, attention_scaling):
+        """ReRoPE / Leaky ReRoPE attention; the cache holds keys rotated for the far logits, so a decode step
+        rotates only the `rerope_window` most recent keys, never the whole cache."""
+        config = self.config
+        window = config.rerope_window
+        leaky_factor = config.rerope_leaky_factor if config.rerope_mode == "leaky_rerope" else None
+        q_len = query.shape[2]
+        check_query_positions(key_positions, position_ids, q_len)
+        if attention_scaling != 1.0:  # yarn-style tables scale cos and sin, i.e. queries and keys
+            query, key = query * attention_scaling, key * attention_scaling
+        query_positions = key_positions[:, -q_len:].clamp(min=0)
+        key_far = rotate_by(key, far_key_positions(query_positions, leaky_factor), inv_freq)
+        if past_key_values is not None:
+            key_far, value = past_key_values.update(key_far, value, self.layer_idx)
+        tail = min(key_far.shape[2], q_len + window - 1)
+        tail_positions = key_positions[:, -tail:].clamp(min=0)
+        key_near_tail = rotate_by(
+            key_far[:, :, -tail:], tail_positions - far_key_positions(tail_positions, leaky_factor), inv_freq
+        )
+        query_near = rotate_by(query, query_positions, inv_freq)
+        query_far = rotate_by(query, far_query_positions(query_positions, window, leaky_factor), inv_freq)
+        return rerope_attention(query_near, query_far, key_near_tail, key_far, value, key_positions, window,
+                                self.scaling, sliding_window=self.sliding_window)
 
 
 class HfExtDecoderLayer(GradientCheckpointingLayer):
@@ -315,6 +363,9 @@ class HfExtModel(HfExtPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        rerope_inputs = self._rerope_inputs(inputs_embeds, attention_mask, past_key_values)
+        if rerope_inputs is not None:
+            kwargs["rerope_inputs"] = rerope_inputs
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
@@ -327,6 +378,32 @@ class HfExtModel(HfExtPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+    def _rerope_inputs(self, inputs_embeds, attention_mask, past_key_values) -> dict | None:
+        """Per layer type, what ReRoPE layers need: key positions (from the 2D mask, −1 = padding) and the rotary
+        frequencies. None when no layer applies ReRoPE."""
+        layers = [layer for layer in self.layers if layer.self_attn.uses_rerope()]
+        if not layers:
+            return None
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("rerope_mode needs the 2D attention mask (batch, tokens), not a prepared 4D mask.")
+        batch, q_len = inputs_embeds.shape[:2]
+        inputs = {}
+        for layer in layers:
+            if layer.layer_type in inputs:
+                continue
+            if past_key_values is not None:
+                kv_length, kv_offset = past_key_values.get_mask_sizes(q_len, layer.self_attn.layer_idx)
+            else:
+                kv_length, kv_offset = q_len, 0
+            inputs[layer.layer_type] = {
+                "key_positions": key_positions_from_mask(attention_mask, batch, kv_length, kv_offset,
+                                                         inputs_embeds.device),
+                "inv_freq": self.rotary_emb.inv_freq,
+                "attention_scaling": self.rotary_emb.attention_scaling,
+            }
+        return inputs
 
 
 class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):

@@ -72,6 +72,24 @@ def key_positions_from_mask(
     return positions
 
 
+def check_query_positions(key_positions: torch.Tensor, position_ids: torch.Tensor | None, q_len: int) -> None:
+    """Raise unless the model's position ids agree with the positions counted from the attention mask.
+
+    ReRoPE recomputes positions from the mask (the cache does not store them); custom position ids (packed
+    sequences, offsets) would make the two disagree silently.
+    """
+    if position_ids is None:
+        return
+    expected = key_positions[:, -q_len:]
+    given = position_ids.expand_as(expected)
+    real = expected >= 0
+    if not torch.equal(given[real], expected[real]):
+        raise ValueError(
+            "ReRoPE attention needs position ids that count the tokens of each row from 0 (left or right padding "
+            "is fine); the given position_ids differ (packed sequences or custom offsets are not supported)."
+        )
+
+
 def _default_block_size(batch: int, heads: int, keys: int, budget_elements: int = 1 << 24) -> int:
     """Query rows per block so that one block of fp32 scores stays near `budget_elements` (64 MiB)."""
     rows = budget_elements // max(1, batch * heads * keys)
@@ -287,7 +305,7 @@ def rerope_attention(
     Rows may be padded at their start and end (what tokenizers and `generate` produce), not in between: distances
     are counted in tokens. The far logits are two fused causal attention passes over (far query, far key), the near
     ones a fused pass per block of queries over a band of keys, merged by log-sum-exp; nothing quadratic in L is
-    built. Sliding-window layers use `rerope_attention_blockwise`.
+    built. Sliding-window layers and training (gradients) use `rerope_attention_blockwise`.
     """
     pad = _leading_padding(key_positions)
     if pad is None:
@@ -295,7 +313,8 @@ def rerope_attention(
             "ReRoPE attention supports padding at the start or the end of a row only (positions 0, 1, 2, … in "
             "between); this attention mask has padding between real tokens."
         )
-    if sliding_window is not None:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query_near, key_far, value))
+    if sliding_window is not None or needs_grad:  # the fused CPU passes do not propagate gradients through the merge
         return rerope_attention_blockwise(query_near, query_far, key_near_tail, key_far, value, key_positions,
                                           window, scaling, sliding_window=sliding_window, block_size=block_size)
     outputs = torch.empty(query_near.shape[:3] + (value.shape[-1],), dtype=value.dtype, device=value.device)
