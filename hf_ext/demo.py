@@ -31,6 +31,7 @@ class DemoSettings:
     learning_rate: float = 2e-3
     max_characters: int = 3_000_000  # of the default corpus, enough for a few minutes of training
     eval_blocks: int = 64
+    long_context_factor: int = 8  # the extrapolation step evaluates at this many times the training length
     prompt: str = DEFAULT_PROMPT
     new_tokens: int = 40
     seed: int = 0
@@ -109,7 +110,7 @@ def build_model(run: DemoRun) -> None:
     config = HfExtConfig.from_pretrained(
         preset_path(run.settings.preset), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        max_position_embeddings=max(run.settings.block_size, 512),
+        max_position_embeddings=run.settings.block_size,  # the length it is trained at
     )
     torch.manual_seed(run.settings.seed)
     run.artifacts["model"] = AutoModelForCausalLM.from_config(config)
@@ -129,11 +130,16 @@ def make_blocks(run: DemoRun) -> None:
 
     blocks = run.artifacts["text"].map(to_blocks, batched=True, batch_size=2000,
                                        remove_columns=["text"], desc="Tokenizing")
-    if len(blocks) <= run.settings.eval_blocks:
+    long_blocks = run.settings.long_context_factor
+    if len(blocks) <= run.settings.eval_blocks + long_blocks:
         raise ValueError(
-            f"The text yields {len(blocks)} blocks of {size} tokens; the demo needs more than `eval_blocks` "
-            f"({run.settings.eval_blocks}). Give more text or lower `block_size`."
+            f"The text yields {len(blocks)} blocks of {size} tokens; the demo needs more than `eval_blocks` + "
+            f"`long_context_factor` ({run.settings.eval_blocks + long_blocks}). Give more text or lower `block_size`."
         )
+    # The last blocks of the stream stay out of training as one contiguous long text for the extrapolation step.
+    run.artifacts["long_text"] = [t for block in blocks.select(range(len(blocks) - long_blocks, len(blocks)))["input_ids"]
+                                  for t in block]
+    blocks = blocks.select(range(len(blocks) - long_blocks))
     split = blocks.train_test_split(test_size=run.settings.eval_blocks, seed=run.settings.seed)
     run.artifacts["train_blocks"], run.artifacts["eval_blocks"] = split["train"], split["test"]
     run.report["data"] = {"train_blocks": len(split["train"]), "eval_blocks": len(split["test"]), "block_size": size}
@@ -210,6 +216,32 @@ def generate(run: DemoRun) -> None:
                                 "decode_tokens_per_second": new / seconds}
 
 
+def extrapolate(run: DemoRun) -> None:
+    """Length extrapolation: loss on held-out text far beyond the training length, plain RoPE vs ReRoPE.
+
+    The model was trained on `block_size` tokens. At `long_context_factor` times that length plain RoPE meets
+    distances it never saw; ReRoPE (`rerope_mode="rerope"`, window = half the training length) caps them.
+    The loss is measured on the last `block_size` − 1 tokens, so both lengths score the same tokens.
+    """
+    model, size = run.artifacts["model"], run.settings.block_size
+    text = torch.tensor(run.artifacts["long_text"])[None]
+    lengths = [size, size * run.settings.long_context_factor]
+    saved = (model.config.rerope_mode, model.config.rerope_window)
+    model.config.rerope_window = max(1, size // 2)
+    results = {}
+    with torch.no_grad():
+        for mode in ("off", "rerope"):
+            model.config.rerope_mode = mode
+            for length in lengths:
+                window = text[:, -length:]
+                # the last size − 1 tokens, the most a context of `size` tokens can score
+                logits = model(window, logits_to_keep=size).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1 - size :].flatten())
+                results[f"{'rope' if mode == 'off' else 'rerope'}_loss_at_{length}"] = loss.item()
+    model.config.rerope_mode, model.config.rerope_window = saved
+    run.report["extrapolation"] = {"training_length": size, "lengths": lengths, **results}
+
+
 DEMO_STEPS: list[DemoStep] = [
     DemoStep("load text", load_text),
     DemoStep("train tokenizer", train_tokenizer),
@@ -218,6 +250,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("train", train),
     DemoStep("save and reload", save_and_reload),
     DemoStep("generate", generate),
+    DemoStep("length extrapolation", extrapolate),
 ]
 
 
@@ -238,6 +271,14 @@ def format_report(report: dict) -> str:
         f"  checkpoint   : {checkpoint['path']} (reload max |Δlogit| {checkpoint['reload_max_abs_logit_difference']:.1e})",
         f"  continuation : {generation['prompt']!r} -> {generation['continuation']!r}",
     ]
+    if "extrapolation" in report:
+        ex = report["extrapolation"]
+        short, long = ex["lengths"]
+        lines.append(
+            f"  extrapolation: loss on the same {short} tokens with {long} tokens of context (trained on {short}): "
+            f"RoPE {ex[f'rope_loss_at_{short}']:.3f} -> {ex[f'rope_loss_at_{long}']:.3f}, "
+            f"ReRoPE {ex[f'rerope_loss_at_{short}']:.3f} -> {ex[f'rerope_loss_at_{long}']:.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -43,6 +43,8 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     assert report["training"]["eval_loss_after"] < report["training"]["eval_loss_before"]
     assert report["checkpoint"]["reload_max_abs_logit_difference"] == 0.0
     assert len(report["generation"]["continuation"]) > 0
+    assert {"rope_loss_at_1024", "rerope_loss_at_1024", "rope_loss_at_128"} <= set(report["extrapolation"])
+    assert "extrapolation: loss on the same 128 tokens with 1024 tokens of context" in printed
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert reloaded.config.model_type == "hf_ext"
 
