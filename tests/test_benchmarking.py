@@ -164,3 +164,15 @@ def test_results_table_without_results_is_just_the_header(tmp_path):
     (tmp_path / "results").mkdir()
     table = Path(benchmarking.write_results_table(tmp_path)).read_text()
     assert "| benchmark | metric |" in table
+
+
+def test_table_shows_what_a_non_speed_ratio_means_and_the_extra_tables(tmp_path):
+    result = _result("loss_bench", 1.5)
+    result["metrics"]["prefill"]["ratio_definition"] = "peer loss / candidate loss"
+    result["markdown_tables"] = ["| length | loss |\n|---|---|\n| 2048 | 1.23 |"]
+    result["plots"] = ["results/loss_bench.png"]
+    benchmarking.save_result(result, tmp_path)
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert "1.500 (peer loss / candidate loss)" in table
+    assert "## loss_bench" in table and "| 2048 | 1.23 |" in table
+    assert "![loss_bench](results/loss_bench.png)" in table
