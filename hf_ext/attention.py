@@ -214,8 +214,13 @@ def rerope_attention_forward(module, query, key, value, attention_mask, scaling=
     query_positions = positions[:, -q_len:]
     leaky_factor = options["leaky_factor"]
     # Rotate from the positions transformers used to the ones the far logits need.
-    query_far = rotate_by(query, far_query_positions(query_positions, window, leaky_factor) - query_positions, inv_freq)
-    key_far = rotate_by(key, far_key_positions(positions, leaky_factor) - positions, inv_freq)
+    if leaky_factor is None:
+        query_far = rotate_by(query, window - query_positions, inv_freq)
+        key_far = rotate_by(key, -positions, inv_freq)
+    else:
+        query_far = rotate_by(query, far_query_positions(query_positions, window, leaky_factor) - query_positions,
+                              inv_freq)
+        key_far = rotate_by(key, far_key_positions(positions, leaky_factor) - positions, inv_freq)
     tail = min(k_len, q_len + window - 1)
     return rerope_attention(query, query_far, key[:, :, -tail:], key_far, value, key_positions, window, scaling,
                             sliding_window=sliding_window), None

@@ -238,14 +238,16 @@ class HfExtAttention(nn.Module):
         if attention_scaling != 1.0:  # yarn-style tables scale cos and sin, i.e. queries and keys
             query, key = query * attention_scaling, key * attention_scaling
         query_positions = key_positions[:, -q_len:].clamp(min=0)
-        key_far = rotate_by(key, far_key_positions(query_positions, leaky_factor), inv_freq)
+        # ReRoPE caches raw keys; Leaky caches keys rotated at p/k.
+        key_far = key if leaky_factor is None else rotate_by(key, far_key_positions(query_positions, leaky_factor),
+                                                             inv_freq)
         if past_key_values is not None:
             key_far, value = past_key_values.update(key_far, value, self.layer_idx)
         tail = min(key_far.shape[2], q_len + window - 1)
         tail_positions = key_positions[:, -tail:].clamp(min=0)
-        key_near_tail = rotate_by(
-            key_far[:, :, -tail:], tail_positions - far_key_positions(tail_positions, leaky_factor), inv_freq
-        )
+        tail_shift = tail_positions if leaky_factor is None else tail_positions - far_key_positions(tail_positions,
+                                                                                                    leaky_factor)
+        key_near_tail = rotate_by(key_far[:, :, -tail:], tail_shift, inv_freq)
         query_near = rotate_by(query, query_positions, inv_freq)
         query_far = rotate_by(query, far_query_positions(query_positions, window, leaky_factor), inv_freq)
         return rerope_attention(query_near, query_far, key_near_tail, key_far, value, key_positions, window,

@@ -34,9 +34,11 @@ def rotate_by(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
     positions rotate backwards.
     """
     precision = torch.promote_types(x.dtype, torch.float32)
-    angles = positions.to(precision)[..., None] * inv_freq.to(device=x.device, dtype=precision)
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, L, D]
-    return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
+    angles = positions.to(precision)[..., None] * inv_freq.to(device=x.device, dtype=precision)  # [B, L, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    cos = torch.cat((cos, cos), dim=-1)[:, None].to(x.dtype)  # [B, 1, L, D]
+    sin = torch.cat((sin, sin), dim=-1)[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 def far_query_positions(positions: torch.Tensor, window: int, leaky_factor: float | None) -> torch.Tensor:
