@@ -192,8 +192,13 @@ def rerope_attention_forward(module, query, key, value, attention_mask, scaling=
     batch, _, q_len, head_dim = query.shape
     inv_freq = _cached_inv_freq(module, config, head_dim, implementation)  # also rejects unsupported models
     k_len = key.shape[2]
-    key_positions = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-    if key_positions is None:  # called without our mask factory (e.g. a 4D mask built elsewhere): no padding known
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attn_implementation={implementation!r} reads padding from the 2D attention mask (batch, tokens); "
+            "this call got a prepared 4D mask, which it cannot interpret."
+        )
+    key_positions = attention_mask  # from `key_positions_mask`
+    if key_positions is None:
         key_positions = key_positions_from_mask(None, batch, k_len, 0, query.device)
     check_query_positions(key_positions, kwargs.get("position_ids"), q_len)
     scaling = module.scaling if scaling is None else scaling
