@@ -27,6 +27,8 @@ FAMILIES = {
     "llama3-rope": lambda: LlamaConfig(**SIZES, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
+    "yarn-rope": lambda: LlamaConfig(**SIZES, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 100.0, "factor": 2.0, "original_max_position_embeddings": 16}),
     "mistral": lambda: MistralConfig(**SIZES, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**SIZES),
     "qwen3": lambda: Qwen3Config(**SIZES, head_dim=16),
@@ -119,14 +121,16 @@ def test_padding_between_tokens_is_rejected():
         rerope_attention(q, q, q, q, q, positions, 2, 0.5)
 
 
+@pytest.mark.parametrize("family", ["llama", "llama3-rope", "yarn-rope"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_model_equals_the_float64_oracle_with_logn(implementation):
-    """A whole Llama with hfx_(leaky_)rerope equals the same Llama whose attention is the explicit oracle."""
+def test_model_equals_the_float64_oracle_with_logn(implementation, family):
+    """A whole model with hfx_(leaky_)rerope equals the same model whose attention is the explicit oracle, with the
+    model's own rotary table (default, llama3, yarn with its attention scaling)."""
     leaky = 3.0 if implementation == "hfx_leaky_rerope" else None
     options = dict(rerope_window=5, logn_scaling=True, logn_training_length=8)
     if leaky:
         options["rerope_leaky_factor"] = leaky
-    model, _ = load("llama", implementation, torch.float64, **options)
+    model, _ = load(family, implementation, torch.float64, **options)
     inv_freq = model.model.rotary_emb.inv_freq.double()
 
     def oracle(module, query, key, value, attention_mask, scaling=None, **kwargs):
