@@ -253,17 +253,21 @@ def _rerope_prefix_padded(query_near, query_far, key_near_tail, key_far, value, 
     tail_start = k_len - key_near_tail.shape[2]
     first_real_row = max(0, pad - first)
     block = block_size or 256  # measured: smaller bands waste less of the masked work, larger ones cost more calls
+    band_masks = {}  # every full block away from the start has the same band: build it once
     for start in range(first_real_row, q_len, block):
         stop = min(q_len, start + block)
         key_start = max(pad, first + start - window + 1)
         key_stop = first + stop
-        query_index = torch.arange(first + start, first + stop, device=value.device)[:, None]
-        distance = query_index - torch.arange(key_start, key_stop, device=value.device)[None, :]
-        allowed = (distance >= 0) & (distance < window)
-        mask = torch.zeros(allowed.shape, dtype=acc.out.dtype, device=value.device).masked_fill(~allowed, float("-inf"))
+        shape = (stop - start, key_stop - key_start, first + start - key_start)
+        if shape not in band_masks:
+            rows, keys, offset = shape
+            distance = torch.arange(rows, device=value.device)[:, None] + offset - torch.arange(keys, device=value.device)
+            allowed = (distance >= 0) & (distance < window)
+            band_masks[shape] = torch.zeros(allowed.shape, dtype=query_near.dtype, device=value.device).masked_fill(
+                ~allowed, float("-inf"))
         acc.add(slice(start, stop), *attention_with_lse(
             query_near[:, :, start:stop], key_near_tail[:, :, key_start - tail_start : key_stop - tail_start],
-            value[:, :, key_start:key_stop], scaling, mask=mask.to(query_near.dtype)))
+            value[:, :, key_start:key_stop], scaling, mask=band_masks[shape]))
     return acc.out.to(value.dtype)
 
 
