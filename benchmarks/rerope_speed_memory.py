@@ -458,13 +458,16 @@ def main(quick: bool = False, max_length: int | None = None) -> dict:
                          settings=settings, metrics=metrics, checks=checks, quick=quick)
     result["partial"] = partial
     result["tables"] = tables
+    result["markdown_tables"] = [_markdown_table(lengths, tables)]
     output = _output_dir(quick, partial)
+    plot(tables, output / f"{NAME}.png")
     if partial:  # save_result would rewrite RESULTS.md with an incomplete run
         path = output / f"{NAME}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
     else:
+        if not quick:
+            result["plots"] = [f"results/{NAME}.png"]
         path = save_result(result, BENCH_DIR)
-    plot(tables, output / f"{NAME}.png")
     _print_summary(tables, metrics, path)
     return result
 
@@ -500,6 +503,20 @@ def _prefill_tables(lengths: list[int], metrics: dict, runnable_dense: dict) -> 
         "memory_growth_fit": {m: fit_growth(lengths, v) for m, v in peaks.items()},
         "time_growth_fit": {m: fit_growth(lengths, v) for m, v in seconds.items()},
     }
+
+
+def _markdown_table(lengths: list[int], tables: dict) -> str:
+    """Prefill seconds and peak memory per length and method, for benchmarks/RESULTS.md."""
+    methods = ("hfx_rerope", "sdpa", DENSE)
+    rows = ["Prefill of L tokens (batch 1, 4 layers with SmolLM2-135M attention shapes): median seconds / peak RSS "
+            "growth in MiB.", "", "| L | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for i, length in enumerate(lengths):
+        cells = []
+        for method in methods:
+            seconds, peak = tables["seconds"][method][i], tables["peak_bytes"][method][i]
+            cells.append("skipped" if seconds is None else f"{seconds:.2f} s / {peak / 2**20:.0f} MiB")
+        rows.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _print_summary(tables: dict, metrics: dict, path: Path) -> None:
