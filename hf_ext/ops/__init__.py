@@ -5,5 +5,17 @@ The kernels the HfExt model uses live beside its modeling file (they travel with
 """
 
 from ..models.hfext.ops_hfext import apply_rotary, logn_query_scale, repeat_kv, rotate_half
+from ..models.hfext.rerope_hfext import (
+    attention_with_lse,
+    far_key_positions,
+    far_query_positions,
+    key_positions_from_mask,
+    rerope_attention,
+    rerope_attention_blockwise,
+    rotate_by,
+)
 
-__all__ = ["apply_rotary", "logn_query_scale", "repeat_kv", "rotate_half"]
+__all__ = [
+    "apply_rotary", "logn_query_scale", "repeat_kv", "rotate_half", "attention_with_lse", "far_key_positions",
+    "far_query_positions", "key_positions_from_mask", "rerope_attention", "rerope_attention_blockwise", "rotate_by",
+]
