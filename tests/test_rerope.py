@@ -296,3 +296,22 @@ def test_rerope_config_rejects_unsupported_models_at_load(tmp_path):
         hf_ext.rerope_config(tmp_path)
     with pytest.raises(ValueError, match="`rerope_window` must be a positive integer"):
         hf_ext.rerope_config(FAMILIES["llama"](), rerope_window=-3)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("value_dim", [8, 5], ids=["fused-op", "explicit"])
+def test_attention_with_lse_wrapper_matches_softmax(is_causal, value_dim):
+    """The one place the private fused CPU op is used: output and log-sum-exp equal a float64 softmax."""
+    from hf_ext.ops import attention_with_lse
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    v = torch.randn(2, 2, 7, value_dim, dtype=torch.float64)
+    mask = torch.zeros(5, 7, dtype=torch.float64).masked_fill(torch.rand(5, 7) < 0.3, float("-inf"))
+    mask[:, 0] = 0.0  # every row sees at least one key
+    out, lse = attention_with_lse(q, k, v, 0.4, is_causal=is_causal, mask=None if is_causal else mask)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.4
+    scores = scores.masked_fill(torch.ones(5, 7, dtype=torch.bool).triu(1), float("-inf")) if is_causal else scores + mask
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v.repeat_interleave(2, 1))
