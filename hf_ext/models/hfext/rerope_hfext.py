@@ -11,10 +11,13 @@ so no distance beyond what the model was trained on ever appears. Each logit is 
     near (Δ < w):  (R_{pos_i} q_i) · (R_{pos_j} k_j)                       ordinary RoPE
     far  (Δ ≥ w):  (R_{far(pos_i)} q_i) · (R_{pos_j / k} k_j),  far(p) = (p − w)/k + w   (ReRoPE: k = ∞, R_0 k = k)
 
-`rerope_attention` computes softmax over exactly those logits without ever holding an L×L matrix: it walks over
-blocks of queries; for each block the keys split into a far-only prefix (one matmul with the far query) and a band of
-at most `block + w − 1` keys where both products are needed and selected per element. Work is one causal QKᵀ plus a
-band; memory is one block of scores, so peak memory grows linearly in the sequence length.
+`rerope_attention` computes the softmax over exactly those logits without ever holding an L×L matrix. Its main
+path splits them into disjoint key sets and merges partial results by their log-sum-exp: the far logits are (up to)
+two fused causal attention passes of the far queries over the far keys (a causal mask shifted by w), the near ones a
+fused pass per block of queries over a band of w + block keys. `rerope_attention_blockwise`, used for sliding-window
+layers and when gradients are needed, walks over blocks of queries with explicit scores: a far-only key prefix and a
+band where both products are computed and selected per element. Either way the work is about one causal QKᵀ plus a
+band, and memory grows linearly in the sequence length.
 
 Shapes: B batch, H query heads, Hkv key/value heads (H % Hkv == 0), Lq queries, Lk keys, D head width.
 Queries are the last Lq of the Lk keys (a KV cache holds the first Lk − Lq). Positions are per token and must count
