@@ -445,7 +445,9 @@ def write_results_table(benchmarks_dir: str | os.PathLike) -> Path:
         # Benchmarks may add their own tables (markdown) and plots (paths relative to benchmarks/).
         extra = [*result.get("markdown_tables", []), *(f"![{result['benchmark']}]({plot})" for plot in result.get("plots", []))]
         if extra:
-            details += ["", f"## {result['benchmark']}", "", *extra]
+            details += ["", f"## {result['benchmark']}"]
+            for item in extra:
+                details += ["", item]
     table = benchmarks_dir / "RESULTS.md"
     table.write_text("\n".join(lines + details) + "\n")
     return table

@@ -171,3 +171,12 @@ def test_training_with_rerope_on_backpropagates_exactly():
     torch.testing.assert_close(out.logits, fused, rtol=0, atol=1e-5)
     out.loss.backward()
     assert model.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_logn_switch_is_read_at_call_time():
+    model = build(hwfa_tiny())
+    tokens = ids(1, 30)
+    before = model(tokens).logits  # the full layer scales queries beyond its training length of 16
+    model.config.logn_scaling = [False] * 3
+    after = model(tokens).logits
+    assert (after - before).abs().max() > 1e-3

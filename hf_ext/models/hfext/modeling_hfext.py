@@ -148,7 +148,6 @@ class HfExtAttention(nn.Module):
         self.is_causal = True
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
         self.uses_rope = config.position_encodings[layer_idx] == "rope"
-        self.uses_logn = config.logn_scaling[layer_idx]
 
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias)
@@ -159,6 +158,11 @@ class HfExtAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = HfExtRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = HfExtRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    @property
+    def uses_logn(self) -> bool:
+        """Log-n query scaling of this layer, read from the config at call time (like `rerope_mode`)."""
+        return self.config.logn_scaling[self.layer_idx]
 
     def uses_rerope(self) -> bool:
         """Whether this layer applies the config's `rerope_mode` (read at call time, so the switch is immediate)."""
