@@ -454,7 +454,7 @@ def main(quick: bool = False, max_length: int | None = None) -> dict:
     tables["total_seconds"] = time.perf_counter() - started
     # One candidate/peer label per result file (the harness's layout); the metric name says which pair a row is.
     result = make_result(NAME, candidate="hf_ext ReRoPE (hfx_rerope; HfExt rows: rerope_mode='rerope')",
-                         peer="sdpa | dense two-matrix ReRoPE | HfExt rerope_mode='off' | hfx_rerope (per metric)",
+                         peer="sdpa, dense two-matrix ReRoPE, HfExt rerope_mode=off or hfx_rerope (per metric)",
                          settings=settings, metrics=metrics, checks=checks, quick=quick)
     result["partial"] = partial
     result["tables"] = tables
