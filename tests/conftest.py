@@ -32,6 +32,21 @@ def hybrid_config(**overrides) -> hf_ext.HfExtConfig:
     return tiny_config(**settings)
 
 
+def decode_step_gap(model, tokens: torch.Tensor, n: int) -> float:
+    """max |Δlogit| between the last position of a full prefill and prefill of `n` tokens plus one cached step.
+
+    Row 1 is left-padded by two tokens; positions count real tokens, as `generate` does.
+    """
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(tokens, attention_mask=mask, position_ids=positions).logits[:, -1]
+    prefix = model(tokens[:, :n], attention_mask=mask[:, :n], position_ids=positions[:, :n], use_cache=True)
+    step = model(tokens[:, n:], attention_mask=mask, position_ids=positions[:, n:],
+                 past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+    return (full - step).abs().max().item()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

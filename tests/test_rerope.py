@@ -17,6 +17,7 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_ext  # noqa: F401  (registers the implementations)
+from conftest import decode_step_gap
 from hf_ext.models.hfext.ops_hfext import rotate_half
 from hf_ext.models.hfext.rerope_hfext import rerope_attention, rerope_attention_blockwise
 
@@ -191,15 +192,7 @@ def test_logn_alone_leaves_the_training_range_untouched_and_scales_beyond():
 @pytest.mark.parametrize("n", [3, 7, 8, 30])  # window 8: n < w, n ≈ w, n ≫ w
 def test_decode_step_equals_prefill(family, implementation, n):
     model, _ = load(family, implementation, rerope_window=8, logn_training_length=12)
-    tokens = ids(3, n + 1)
-    mask = torch.ones_like(tokens)
-    mask[1, :2] = 0  # left padding in one row
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    full = model(tokens, attention_mask=mask, position_ids=positions).logits[:, -1]
-    prefix = model(tokens[:, :n], attention_mask=mask[:, :n], position_ids=positions[:, :n], use_cache=True)
-    step = model(tokens[:, n:], attention_mask=mask, position_ids=positions[:, n:],
-                 past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
-    assert (full - step).abs().max().item() <= 1e-4
+    assert decode_step_gap(model, ids(3, n + 1), n) <= 1e-4  # batch of 3, one row left-padded
 
 
 @pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "hfx_logn"])

@@ -230,7 +230,6 @@ class HfExtAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
-
     def _rerope(self, query, key, value, position_ids, past_key_values, key_positions, inv_freq, attention_scaling):
         """ReRoPE / Leaky ReRoPE attention; the cache holds keys rotated for the far logits, so a decode step
         rotates only the `rerope_window` most recent keys, never the whole cache."""
@@ -384,7 +383,6 @@ class HfExtModel(HfExtPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
-
 
     def _rerope_inputs(self, inputs_embeds, attention_mask, past_key_values) -> dict | None:
         """Per layer type, what ReRoPE layers need: key positions (from the 2D mask, −1 = padding) and the rotary
