@@ -95,9 +95,16 @@ def _option(config, name: str, default):
     return default if value is None else value
 
 
+def _logn_training_length(config) -> int:
+    training_length = _option(config, "logn_training_length", config.max_position_embeddings)
+    if not isinstance(training_length, int) or training_length < 2:
+        raise ValueError(f"`logn_training_length` must be an integer >= 2, got {training_length!r}.")
+    return training_length
+
+
 def rerope_options(config, leaky: bool) -> dict:
     """Validated ReRoPE options of a config, defaults filled in (see the module docstring)."""
-    training_length = _option(config, "logn_training_length", config.max_position_embeddings)
+    training_length = _logn_training_length(config)
     window = _option(config, "rerope_window", max(1, config.max_position_embeddings // 4))
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"`rerope_window` must be a positive integer (a number of tokens), got {window!r}.")
@@ -112,8 +119,6 @@ def rerope_options(config, leaky: bool) -> dict:
         logn = False
     if not isinstance(logn, bool):
         raise ValueError(f"`logn_scaling` must be True or False for attn_implementation ReRoPE, got {logn!r}.")
-    if not isinstance(training_length, int) or training_length < 2:
-        raise ValueError(f"`logn_training_length` must be an integer >= 2, got {training_length!r}.")
     return {"window": window, "leaky_factor": factor, "logn": logn, "training_length": training_length}
 
 
@@ -247,10 +252,7 @@ def logn_attention_forward(module, query, key, value, attention_mask, scaling=No
 
     Only the new queries are scaled, from their own positions, so cached keys and values stay valid.
     """
-    config = module.config
-    training_length = getattr(config, "logn_training_length", None) or config.max_position_embeddings
-    if not isinstance(training_length, int) or training_length < 2:
-        raise ValueError(f"`logn_training_length` must be an integer >= 2, got {training_length!r}.")
+    training_length = _logn_training_length(module.config)
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         raise ValueError("attn_implementation='hfx_logn' needs the position_ids of the queries (the model passes "
