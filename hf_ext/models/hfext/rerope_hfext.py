@@ -115,20 +115,8 @@ def rerope_attention_blockwise(
 ) -> torch.Tensor:
     """Exact ReRoPE / Leaky ReRoPE attention with explicit score blocks (sliding windows, any device).
 
-    Arguments and result as for `rerope_attention`; rows may be padded at their start and end only.
-
-    Args:
-        query_near: [B, H, Lq, D], queries rotated at their positions (ordinary RoPE).
-        query_far: [B, H, Lq, D], queries rotated at `far_query_positions`.
-        key_near_tail: [B, Hkv, T, D], the last T = min(Lk, Lq + window − 1) keys rotated at their positions: the
-            only keys that can be within the window of a query.
-        key_far: [B, Hkv, Lk, D], every key rotated at `far_key_positions` (ReRoPE: un-rotated).
-        value: [B, Hkv, Lk, Dv].
-        key_positions: [B, Lk] integer positions, −1 for padded keys; the queries sit at the last Lq of them.
-        window: w ≥ 1, the distances kept as they are.
-        scaling: the softmax scale (usually head_dim ** −0.5).
-        sliding_window: if set, keys at distance ≥ sliding_window are not attended (sliding-window layers).
-        block_size: query rows per block; default keeps one block of scores near 64 MiB.
+    Arguments and result as for `rerope_attention` (rows may be padded at their start and end only);
+    `block_size` defaults to keeping one block of scores near 64 MiB.
     """
     batch, heads, q_len, head_dim = query_near.shape
     kv_heads, k_len = key_far.shape[1], key_far.shape[2]
