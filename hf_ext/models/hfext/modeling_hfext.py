@@ -445,10 +445,17 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss_function = self.loss_function
+        if labels is not None and self.training and getattr(loss_function, "fused", False):
+            # A loss that reads hidden states (hf_ext.losses.TailCappedLoss(fused=True)) runs lm_head chunk by
+            # chunk and never holds the full [tokens, vocab] logits; there are then no logits to return.
+            loss = loss_function.loss_from_hidden_states(hidden_states, self.lm_head, labels, **kwargs)
+            logits = None
+        else:
+            logits = self.lm_head(hidden_states)
+            loss = None
+            if labels is not None:
+                loss = loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -1,0 +1,67 @@
+"""Train a Llama-family causal LM with the fused (chunked lm_head) tail-capped loss, switched on per instance.
+
+`HfExtForCausalLM` supports the fused path natively (``model.loss_function = TailCappedLoss(..., fused=True)``).
+transformers' own ``*ForCausalLM`` classes always build the full logits before calling their loss, so
+`enable_fused_loss` replaces ``forward`` on the given *instance* only (never on the class): in training mode with
+labels it runs the decoder, then the fused loss from the last hidden states; otherwise it calls the class's forward
+unchanged. `disable_fused_loss` removes the override.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..models.hfext import HfExtForCausalLM
+from .tail_capped import TailCappedLoss
+
+# Config attributes that change logits after lm_head; the fused path would silently ignore them.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def enable_fused_loss(model: torch.nn.Module, loss: TailCappedLoss) -> torch.nn.Module:
+    """Make ``model`` compute ``loss`` from its last hidden states when trained with labels; returns ``model``.
+
+    ``model`` is an `HfExtForCausalLM` or a transformers causal LM with a ``model`` decoder and a linear ``lm_head``
+    (Llama, Mistral, Qwen2/3, SmolLM…). ``loss`` must be a `TailCappedLoss` with ``fused=True``.
+    """
+    if not isinstance(loss, TailCappedLoss) or not loss.fused:
+        raise ValueError(f"enable_fused_loss: loss must be a TailCappedLoss with fused=True, got {loss!r}")
+    if isinstance(model, HfExtForCausalLM):
+        model.loss_function = loss
+        return model
+    decoder, lm_head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if not isinstance(decoder, torch.nn.Module) or not isinstance(lm_head, torch.nn.Linear):
+        raise ValueError(f"enable_fused_loss: {type(model).__name__} has no `model` decoder and linear `lm_head`; "
+                         "supported are HfExtForCausalLM and Llama-style *ForCausalLM models")
+    for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"enable_fused_loss: {type(model).__name__} sets config.{name}="
+                             f"{getattr(model.config, name)!r}, which the fused loss does not apply")
+    class_forward = type(model).forward
+
+    def forward(*args, labels=None, logits_to_keep=0, num_items_in_batch=None, shift_labels=None, **kwargs):
+        if labels is None or not model.training:
+            loss_kwargs = {k: v for k, v in (("num_items_in_batch", num_items_in_batch), ("shift_labels", shift_labels))
+                           if v is not None}
+            return class_forward(model, *args, labels=labels, logits_to_keep=logits_to_keep, **loss_kwargs, **kwargs)
+        outputs = decoder(*args, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        value = loss.loss_from_hidden_states(hidden_states, lm_head, labels, num_items_in_batch=num_items_in_batch,
+                                             shift_labels=shift_labels)
+        return CausalLMOutputWithPast(loss=value, logits=None, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    forward.__doc__ = f"{type(model).__name__}.forward with the fused tail-capped loss in training (hf_ext)."
+    model.forward = forward
+    model.loss_function = loss
+    return model
+
+
+def disable_fused_loss(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `enable_fused_loss`: the class's forward and default loss function are used again."""
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_loss_function", None)
+    return model

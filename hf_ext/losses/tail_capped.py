@@ -1,0 +1,89 @@
+"""`TailCappedLoss`: TaiLr's tail-capped cross-entropy for causal LMs, in the shapes the Trainer expects."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.tail_capped import fused_linear_tail_capped_loss, tail_capped_token_losses
+
+
+class TailCappedLoss:
+    """Tail-capped (TaiLr) cross-entropy: each target token's NLL weighted by w = clamp(p/(γ+(1−γ)p), min_weight, 1).
+
+    One object serves the three places transformers takes a causal-LM loss; all return the sum over valid target
+    tokens divided by ``num_items_in_batch`` when the Trainer passes it (so gradient accumulation and DDP are exact)
+    and by the number of valid targets otherwise — the convention of transformers' ``ForCausalLMLoss``::
+
+        Trainer(model, args, compute_loss_func=TailCappedLoss(gamma=0.1))    # (outputs, labels, num_items_in_batch)
+        model.loss_function = TailCappedLoss(gamma=0.1)                      # (logits, labels, vocab_size, ...)
+        model.loss_function = TailCappedLoss(gamma=0.1, fused=True)          # HfExt: chunked lm_head, no full logits
+
+    With ``fused=True`` an `HfExtForCausalLM` in training mode computes the loss from its last hidden states through
+    `loss_from_hidden_states` and returns ``logits=None``; for Llama-family models use
+    `hf_ext.losses.enable_fused_loss`. In eval mode the ordinary path runs and logits are returned.
+
+    Args:
+        gamma: γ in [0, 1). 0 is exactly cross-entropy; the TaiLr scripts use 0.1 (translation) to 0.8
+            (summarisation fine-tuning); Su: near 0 from scratch, larger when fine-tuning.
+        min_weight: floor b of the weight, in [0, 1] (the paper's "density min weight"; 0.2–0.3 in its scripts).
+        ignore_index: label value that is not a target (-100, as in transformers).
+        label_smoothing: ε in [0, 1); the smoothing term is not re-weighted.
+        fused: compute the loss chunk by chunk from hidden states when the model supports it.
+        chunk_size: tokens per chunk of the fused path ([chunk_size, vocab] fp32 block alive at a time).
+    """
+
+    def __init__(self, gamma: float, min_weight: float = 0.0, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 fused: bool = False, chunk_size: int = 1024):
+        if not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+            raise ValueError(f"TailCappedLoss: gamma must be in [0, 1), got {gamma!r}")
+        if not isinstance(min_weight, (int, float)) or not 0.0 <= min_weight <= 1.0:
+            raise ValueError(f"TailCappedLoss: min_weight must be in [0, 1], got {min_weight!r}")
+        if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"TailCappedLoss: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"TailCappedLoss: chunk_size must be a positive int, got {chunk_size!r}")
+        self.gamma, self.min_weight, self.ignore_index = float(gamma), float(min_weight), ignore_index
+        self.label_smoothing, self.fused, self.chunk_size = float(label_smoothing), fused, chunk_size
+
+    def __repr__(self) -> str:
+        return (f"TailCappedLoss(gamma={self.gamma}, min_weight={self.min_weight}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, fused={self.fused}, chunk_size={self.chunk_size})")
+
+    def __call__(self, logits_or_outputs, labels, *args, num_items_in_batch=None, shift_labels=None, **kwargs):
+        """Either ``(outputs, labels, num_items_in_batch)`` (Trainer's compute_loss_func) or ``(logits, labels,
+        vocab_size, num_items_in_batch=None, ignore_index=..., shift_labels=None)`` (model.loss_function)."""
+        if hasattr(logits_or_outputs, "logits"):  # a ModelOutput from Trainer.compute_loss
+            logits = logits_or_outputs.logits
+            if args:
+                num_items_in_batch = args[0]
+        else:
+            logits = logits_or_outputs
+        targets = self._targets(labels, shift_labels, logits.device)
+        losses, valid = tail_capped_token_losses(logits.reshape(-1, logits.shape[-1]), targets, self.gamma,
+                                                 self.min_weight, self.ignore_index, self.label_smoothing)
+        return losses.sum() / self._divisor(num_items_in_batch, valid, losses.device)
+
+    def loss_from_hidden_states(self, hidden_states: torch.Tensor, lm_head: torch.nn.Linear, labels: torch.Tensor,
+                                num_items_in_batch=None, shift_labels=None, **kwargs) -> torch.Tensor:
+        """The same loss from the last hidden states [B, T, d] and the output projection, chunked (fused path)."""
+        targets = self._targets(labels, shift_labels, hidden_states.device)
+        valid = targets != self.ignore_index
+        return fused_linear_tail_capped_loss(
+            hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head.weight, targets, lm_head.bias,
+            gamma=self.gamma, min_weight=self.min_weight, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, chunk_size=self.chunk_size,
+            divisor=self._divisor(num_items_in_batch, valid, hidden_states.device))
+
+    def _targets(self, labels, shift_labels, device) -> torch.Tensor:
+        if shift_labels is None:  # tokens < n predict token n, as in transformers' ForCausalLMLoss
+            shift_labels = F.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
+        return shift_labels.reshape(-1).to(device)
+
+    @staticmethod
+    def _divisor(num_items_in_batch, valid: torch.Tensor, device) -> torch.Tensor:
+        if num_items_in_batch is None:
+            return valid.sum().clamp(min=1).float()
+        if torch.is_tensor(num_items_in_batch):
+            return num_items_in_batch.to(device=device, dtype=torch.float32)
+        return torch.tensor(float(num_items_in_batch), device=device)

@@ -1,0 +1,145 @@
+"""The tail-capped (TaiLr) token loss, plain and fused with the output projection.
+
+For a target token with model probability p (algorithms.md §9a), TaiLr weights the token's negative
+log-likelihood by a detached weight::
+
+    w = clamp( p / (γ + (1 − γ)·p),  min_weight, 1 )        loss = −sg[w] · log p
+
+γ = 0 gives w = 1, i.e. cross-entropy; with min_weight = 0 the gradient equals that of the closed form
+−log(γ + (1 − γ)p) / (1 − γ). Low-probability (often noisy) targets are down-weighted. With label smoothing ε the
+token loss is (1 − ε)·TaiLr + ε·mean_v(−log p_v), the smoothing term not re-weighted (the official criterion).
+
+`tail_capped_token_losses` works on logits [N, V]; `fused_linear_tail_capped_loss` takes hidden states [N, d] and
+the output projection [V, d] and processes the tokens in chunks, so that only a [chunk, V] fp32 block exists at a
+time and the softmax is computed once per chunk (the same buffer becomes the logits' gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["tail_capped_weights", "tail_capped_token_losses", "fused_linear_tail_capped_loss"]
+
+
+def tail_capped_weights(target_log_probs: torch.Tensor, gamma: float, min_weight: float) -> torch.Tensor:
+    """w = clamp(p / (γ + (1 − γ)p), min_weight, 1) from log p [N] (computed in log space; no gradient)."""
+    with torch.no_grad():
+        log_p = target_log_probs.float()
+        weights = torch.exp(log_p - torch.log(gamma + (1 - gamma) * torch.exp(log_p)))
+        return weights.clamp_(min=min_weight, max=1.0)
+
+
+def tail_capped_token_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    gamma: float,
+    min_weight: float = 0.0,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token tail-capped losses: logits [N, V] (any float dtype, computed in fp32), targets [N] → losses [N]
+    (fp32, 0 where ``targets == ignore_index``) and the valid-token mask [N]."""
+    valid = targets != ignore_index
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    safe_targets = torch.where(valid, targets, 0)
+    target_log_probs = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    losses = -tail_capped_weights(target_log_probs, gamma, min_weight) * target_log_probs
+    if label_smoothing > 0:
+        losses = (1 - label_smoothing) * losses - label_smoothing * log_probs.mean(dim=-1)
+    return torch.where(valid, losses, 0.0), valid
+
+
+class _FusedLinearTailCappedLoss(torch.autograd.Function):
+    """Forward computes the loss and, chunk by chunk, the gradients of the hidden states, weight and bias; backward
+    only scales them by the incoming gradient. The forward therefore does the work of forward + backward, and the
+    backward is free — the pattern of fused linear cross-entropy kernels, here with per-token weights."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, gamma, min_weight, ignore_index, label_smoothing, chunk_size,
+                divisor):
+        needs_grad = torch.is_grad_enabled() and any(ctx.needs_input_grad[:3])
+        num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if needs_grad and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad and ctx.needs_input_grad[1] else None
+        grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
+                     if needs_grad and bias is not None and ctx.needs_input_grad[2] else None)
+        for start in range(0, num_tokens, chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = targets[start:start + chunk_size]
+            valid = t != ignore_index
+            if not bool(valid.any()):
+                continue
+            logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()
+            log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+            safe_t = torch.where(valid, t, 0).unsqueeze(-1)
+            target_log_probs = (logits.gather(-1, safe_t) - log_normalizer).squeeze(-1)
+            weights = tail_capped_weights(target_log_probs, gamma, min_weight) * valid
+            token_losses = -weights * target_log_probs
+            if label_smoothing > 0:
+                mean_log_probs = logits.mean(dim=-1) - log_normalizer.squeeze(-1)
+                token_losses = (1 - label_smoothing) * token_losses - label_smoothing * mean_log_probs * valid
+            total += token_losses.sum()
+            if not needs_grad:
+                continue
+            # d(token loss)/d(logits) = c·softmax − (1 − ε)·w·onehot − ε/V, with c = (1 − ε)·w + ε on valid rows.
+            probs = logits.sub_(log_normalizer).exp_()  # the chunk's only [chunk, V] buffer, reused in place
+            scale = (1 - label_smoothing) * weights + label_smoothing * valid
+            grad_logits = probs.mul_(scale.unsqueeze(-1))
+            grad_logits.scatter_add_(-1, safe_t, (-(1 - label_smoothing) * weights).unsqueeze(-1))
+            if label_smoothing > 0:
+                grad_logits.sub_((label_smoothing / vocab_size) * valid.unsqueeze(-1))
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h.float())  # accumulated over chunks in fp32
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
+        ctx.has_grads = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.divisor = divisor
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scale = grad_output.float() / ctx.divisor
+        grads = [(g * scale).to(dtype) if has else None
+                 for g, has, dtype in zip(ctx.saved_tensors, ctx.has_grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def fused_linear_tail_capped_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gamma: float,
+    min_weight: float = 0.0,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: int = 1024,
+    divisor: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_tokens tail-capped loss of ``hidden @ weight.T (+ bias)`` divided by ``divisor``, without the full logits.
+
+    Shapes: hidden [N, d], weight [V, d], bias [V] or None, targets [N]. ``divisor`` defaults to the number of
+    valid targets (pass the Trainer's ``num_items_in_batch`` to make gradient accumulation exact). Peak extra memory
+    is one [chunk_size, V] fp32 block plus fp32 gradients of ``weight``; gradients equal those of the unfused
+    `tail_capped_token_losses` (tested).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_tail_capped_loss: expected hidden [N, d] and weight [V, d], got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_linear_tail_capped_loss: targets must have shape [{hidden.shape[0]}], "
+                         f"got {tuple(targets.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"fused_linear_tail_capped_loss: chunk_size must be a positive int, got {chunk_size!r}")
+    if divisor is None:
+        divisor = (targets != ignore_index).sum().clamp(min=1)
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(device=hidden.device, dtype=torch.float32)
+    return _FusedLinearTailCappedLoss.apply(hidden, weight, bias, targets, float(gamma), float(min_weight),
+                                            ignore_index, float(label_smoothing), chunk_size, divisor)

@@ -1,0 +1,121 @@
+"""`Lion`: the sign-of-momentum optimizer of Chen et al. (2023) as a standard `torch.optim.Optimizer`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..ops.lion import lion_update_foreach, lion_update_fused, lion_update_single
+
+_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (EvoLved Sign Momentum): one momentum buffer per parameter and a sign update.
+
+    Per parameter, with learning rate η, weight decay λ and gradient g (the paper's Algorithm 2)::
+
+        θ ← θ·(1 − ηλ) − η·sign(β1·m + (1 − β1)·g)
+        m ← β2·m + (1 − β2)·g
+
+    Use a learning rate 3–10× smaller than AdamW's and a weight decay 3–10× larger (`adamw_to_lion` does the
+    conversion). The state is ``exp_avg`` (m), one tensor per parameter: half of AdamW's.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        lr: learning rate η (≥ 0).
+        betas: (β1, β2), each in [0, 1). The paper's defaults (0.9, 0.99); (0.95, 0.98) for unstable LM runs.
+        weight_decay: decoupled weight decay λ (≥ 0), applied as θ·(1 − ηλ) before the sign step.
+        maximize: ascend the objective instead of descending it.
+        foreach: use ``torch._foreach_*`` ops over all tensors of a group (default: yes, unless the parameters are
+            FSDP2 DTensors, which take the per-tensor path).
+        fused: use a kernel compiled with ``torch.compile`` that makes one pass over memory per tensor (needs a C++
+            compiler; compiles once, a few seconds, on the first step). About 3× faster than foreach on CPU.
+        state_dtype: dtype of the momentum. ``None`` keeps the parameter's dtype; ``torch.float32`` with bf16/fp16
+            parameters keeps an fp32 momentum and does the arithmetic in fp32, rounding the parameter once per step.
+
+    All three kernels (per-tensor, foreach, fused) give bit-identical results, equal to ``lion_pytorch.Lion`` and
+    bitsandbytes' 32-bit Lion (tested over 100 steps). `load_state_dict` keeps the momentum in the dtype it was
+    saved in (torch's base class would cast it to the parameter dtype), so a resumed run continues bit for bit.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+    ):
+        if not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"Lion: lr must be a number >= 0, got {lr!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"Lion: betas must be two numbers in [0, 1), got {betas!r}")
+        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise ValueError(f"Lion: weight_decay must be a number >= 0, got {weight_decay!r}")
+        if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"Lion: state_dtype must be None or one of {list(_STATE_DTYPES)}, got {state_dtype!r}")
+        if foreach and fused:
+            raise ValueError("Lion: foreach=True and fused=True are exclusive; choose one kernel")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        fused=fused, state_dtype=state_dtype)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["fused"] and any(_is_dtensor(p) for p in group["params"]):
+                raise ValueError("Lion: fused=True does not support DTensor (FSDP2) parameters; use fused=False")
+
+    def _momentum(self, param: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[param]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(param, dtype=group["state_dtype"] or param.dtype,
+                                                memory_format=torch.preserve_format)
+        return state["exp_avg"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, momenta = [], [], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients; use a dense embedding "
+                                       "(nn.Embedding(sparse=False)) or a different optimizer for that parameter")
+                params.append(param)
+                grads.append(-param.grad if group["maximize"] else param.grad)
+                momenta.append(self._momentum(param, group))
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            args = (group["lr"], beta1, beta2, group["weight_decay"])
+            if group["fused"]:
+                lion_update_fused(params, grads, momenta, *args)
+            elif group["foreach"] or (group["foreach"] is None and not any(_is_dtensor(p) for p in params)):
+                lion_update_foreach(params, grads, momenta, *args)
+            else:
+                for param, grad, momentum in zip(params, grads, momenta):
+                    lion_update_single(param, grad, momentum, *args)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict, keeping each momentum in the dtype it was saved in (fp32 state stays fp32)."""
+        saved_momenta = {index: state["exp_avg"] for index, state in state_dict["state"].items() if "exp_avg" in state}
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, param in zip(saved_group["params"], group["params"]):
+                if index in saved_momenta:
+                    momentum = saved_momenta[index]
+                    self.state[param]["exp_avg"] = momentum.to(device=param.device, copy=True)

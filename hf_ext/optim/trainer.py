@@ -1,0 +1,49 @@
+"""Glue between `Lion` and transformers' Trainer (which has no optimizer-name registry for third-party classes)."""
+
+from __future__ import annotations
+
+import torch
+
+from .lion import Lion
+
+
+def lion_optimizer_cls_and_kwargs(
+    args,
+    *,
+    betas: tuple[float, float] = (0.9, 0.99),
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    state_dtype: torch.dtype | None = None,
+) -> tuple[type[Lion], dict]:
+    """The value for ``Trainer(optimizer_cls_and_kwargs=...)`` that trains with `Lion`::
+
+        trainer = Trainer(model, args, train_dataset=ds,
+                          optimizer_cls_and_kwargs=hf_ext.optim.lion_optimizer_cls_and_kwargs(args))
+
+    The learning rate is ``args.learning_rate`` (scheduled by the Trainer as usual). Weight decay is deliberately not
+    in the kwargs: the Trainer builds two parameter groups, ``args.weight_decay`` for weight matrices and 0 for
+    biases and norm weights, and would override a kwarg anyway — set ``TrainingArguments.weight_decay``. ``betas``
+    default to the paper's (0.9, 0.99), not to ``args.adam_beta1/2`` (Adam's 0.999 is wrong for Lion).
+    """
+    learning_rate = getattr(args, "learning_rate", None)
+    if learning_rate is None:
+        raise TypeError(f"lion_optimizer_cls_and_kwargs: args must be TrainingArguments, got {type(args).__name__}")
+    kwargs = dict(lr=learning_rate, betas=tuple(betas), foreach=foreach, fused=fused, state_dtype=state_dtype)
+    Lion([torch.zeros(1, requires_grad=True)], **kwargs)  # validate now, not when the Trainer first builds it
+    return Lion, kwargs
+
+
+def adamw_to_lion(learning_rate: float, weight_decay: float, factor: float = 3.0) -> dict[str, float]:
+    """Lion hyper-parameters for someone switching from AdamW: learning rate ÷ factor, weight decay × factor.
+
+    The Lion paper recommends a factor of 3–10 (the effective decay η·λ stays the same); lion-pytorch's LM runs found
+    3 better than 10. The keys are ``TrainingArguments`` field names::
+
+        args = TrainingArguments(output_dir, **adamw_to_lion(3e-4, 0.01))      # lr 1e-4, weight_decay 0.03
+    """
+    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"adamw_to_lion: {name} must be a number >= 0, got {value!r}")
+    if not isinstance(factor, (int, float)) or not 1.0 <= factor <= 30.0:
+        raise ValueError(f"adamw_to_lion: factor must be in [1, 30] (the paper uses 3-10), got {factor!r}")
+    return {"learning_rate": learning_rate / factor, "weight_decay": weight_decay * factor}

@@ -1,0 +1,203 @@
+"""Lion: the update against a float64 oracle, kernel equality, parity with lion_pytorch and bitsandbytes, resume."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from hf_ext.ops.lion import lion_reference_float64, lion_update_foreach, lion_update_fused, lion_update_single
+from hf_ext.optim import Lion, adamw_to_lion, lion_optimizer_cls_and_kwargs
+
+SHAPES = [(40, 37), (200,), (48, 48, 20), (7,), (1, 40000)]  # the last two exercise both sides of FUSED_MIN_NUMEL
+
+
+def _tensors(param_dtype=torch.float32, state_dtype=torch.float32):
+    params = [torch.randn(s).to(param_dtype) for s in SHAPES]
+    grads = [torch.randn(s).to(param_dtype) for s in SHAPES]
+    momenta = [(0.1 * torch.randn(s)).to(state_dtype) for s in SHAPES]
+    momenta[0][0, :5] = 0  # sign(0) = 0 rows: c = 0 exactly where grad and momentum are both 0
+    grads[0][0, :5] = 0
+    return params, grads, momenta
+
+
+def test_single_step_matches_float64_formula():
+    params, grads, momenta = _tensors(torch.float64, torch.float64)
+    for p, g, m in zip(params, grads, momenta):
+        expected_p, expected_m = lion_reference_float64(p, g, m, 0.01, 0.9, 0.99, 0.1)
+        lion_update_single(p, g, m, 0.01, 0.9, 0.99, 0.1)
+        torch.testing.assert_close(p, expected_p, rtol=0, atol=1e-15)
+        torch.testing.assert_close(m, expected_m, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("param_dtype,state_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.float64, torch.float64)])
+def test_kernels_are_bit_identical(param_dtype, state_dtype):
+    base = _tensors(param_dtype, state_dtype)
+    results = {}
+    for name in ("single", "foreach", "fused"):
+        params, grads, momenta = (list(map(torch.clone, ts)) for ts in base)
+        for step in range(5):
+            lr = 1e-2 * (step + 1)  # a changing learning rate must not change the fused kernel's arithmetic
+            if name == "single":
+                for p, g, m in zip(params, grads, momenta):
+                    lion_update_single(p, g, m, lr, 0.9, 0.99, 0.1)
+            else:
+                (lion_update_foreach if name == "foreach" else lion_update_fused)(params, grads, momenta,
+                                                                                  lr, 0.9, 0.99, 0.1)
+        results[name] = params + momenta
+    for name in ("foreach", "fused"):
+        for a, b in zip(results["single"], results[name]):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_weight_decay_drives_a_constant_sign_to_its_fixed_point():
+    # With a gradient of constant sign and zero momentum noise, θ_t = −(sign/λ)(1 − (1 − ηλ)^t) from θ_0 = 0.
+    param = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimizer = Lion([param], lr=0.05, weight_decay=0.5)
+    for _ in range(40):
+        param.grad = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        optimizer.step()
+    expected = -torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64) / 0.5 * (1 - (1 - 0.05 * 0.5) ** 40)
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def _model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+def _train(model, optimizer, steps, start=0):
+    for step in range(start, start + steps):
+        generator = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 12, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+        x = x.to(next(model.parameters()).dtype)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def _groups(model, weight_decay=0.1):
+    return [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if p.dim() == 1], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("peer", ["lion_pytorch", "bitsandbytes"])
+@pytest.mark.parametrize("kernel", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_trajectory_identical_to_peer_over_120_steps(peer, kernel):
+    ours, theirs = _model(), _model()
+    if peer == "lion_pytorch":
+        from lion_pytorch import Lion as PeerLion
+
+        peer_optimizer = PeerLion(_groups(theirs), lr=3e-3, betas=(0.9, 0.99))
+    else:
+        import bitsandbytes
+
+        peer_optimizer = bitsandbytes.optim.Lion(_groups(theirs), lr=3e-3, betas=(0.9, 0.99), optim_bits=32)
+    _train(ours, Lion(_groups(ours), lr=3e-3, betas=(0.9, 0.99), **kernel), 120)
+    _train(theirs, peer_optimizer, 120)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_parameter_groups_and_maximize():
+    model = _model()
+    optimizer = Lion([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}], lr=1e-2)
+    before = copy.deepcopy(model)
+    _train(model, optimizer, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model[0].parameters(), before[0].parameters()))
+    assert not torch.equal(model[2].weight, before[2].weight)
+    # maximize=True on g is exactly the minimising step on −g, and moves against the descent direction
+    p1 = torch.randn(5, requires_grad=True)
+    p2 = p1.detach().clone().requires_grad_()
+    start = p1.detach().clone()
+    o1, o2 = Lion([p1], lr=0.1, maximize=True), Lion([p2], lr=0.1)
+    p1.grad, p2.grad = torch.ones(5), -torch.ones(5)
+    o1.step(), o2.step()
+    assert torch.equal(p1, p2) and torch.equal(p1.detach(), start + 0.1)
+
+
+def test_fp32_state_keeps_the_momentum_of_bf16_parameters_exact():
+    grads = [torch.randn(4096, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16) for step in range(50)]
+    reference = torch.zeros(4096, dtype=torch.float64)
+    for grad in grads:
+        reference = 0.99 * reference + 0.01 * grad.double()
+    errors = {}
+    for state_dtype in (torch.float32, None):
+        param = torch.randn(4096).to(torch.bfloat16).requires_grad_()
+        optimizer = Lion([param], lr=1e-3, state_dtype=state_dtype)
+        for grad in grads:
+            param.grad = grad
+            optimizer.step()
+        momentum = optimizer.state[param]["exp_avg"]
+        assert momentum.dtype == (state_dtype or torch.bfloat16) and param.dtype == torch.bfloat16
+        errors[state_dtype] = ((momentum.double() - reference).abs().max() / reference.abs().max()).item()
+    assert errors[torch.float32] < 1e-6 < 1e-3 < errors[None]
+
+
+def test_bad_arguments_get_clear_errors():
+    p = [torch.zeros(2, requires_grad=True)]
+    for kwargs, word in [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"betas": (0.9,)}, "betas"),
+                         ({"weight_decay": -0.1}, "weight_decay"), ({"state_dtype": torch.int8}, "state_dtype"),
+                         ({"foreach": True, "fused": True}, "exclusive")]:
+        with pytest.raises(ValueError, match=word):
+            Lion(p, **kwargs)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    optimizer = Lion(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_resume_from_state_dict_is_bit_identical(state_dtype):
+    dtype = torch.float32 if state_dtype is None else torch.bfloat16
+    uninterrupted = _model().to(dtype)
+    _train(uninterrupted, Lion(_groups(uninterrupted), lr=3e-3, state_dtype=state_dtype), 30)
+
+    model = _model().to(dtype)
+    optimizer = Lion(_groups(model), lr=3e-3, state_dtype=state_dtype)
+    _train(model, optimizer, 15)
+    buffer_model, buffer_optimizer = io.BytesIO(), io.BytesIO()
+    torch.save(model.state_dict(), buffer_model), torch.save(optimizer.state_dict(), buffer_optimizer)
+    buffer_model.seek(0), buffer_optimizer.seek(0)
+
+    resumed = _model().to(dtype)
+    resumed.load_state_dict(torch.load(buffer_model, weights_only=True))
+    resumed_optimizer = Lion(_groups(resumed), lr=3e-3, state_dtype=state_dtype)
+    resumed_optimizer.load_state_dict(torch.load(buffer_optimizer, weights_only=True))
+    momentum = next(iter(resumed_optimizer.state.values()))["exp_avg"]
+    assert momentum.dtype == (state_dtype or dtype)  # torch's base class would have cast fp32 state to bf16
+    _train(resumed, resumed_optimizer, 15, start=15)
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_trainer_helper_respects_weight_decay_and_no_decay_groups(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_config
+    import hf_ext
+
+    model = hf_ext.HfExtForCausalLM(tiny_config())
+    args = TrainingArguments(tmp_path, learning_rate=3e-4, weight_decay=0.05, report_to=[], use_cpu=True)
+    trainer = Trainer(model, args, optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(args, fused=False))
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, Lion)
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = 0.0 if ("norm" in name or "bias" in name) else 0.05
+        assert decays[id(param)] == expected, name
+    assert all(g["lr"] == 3e-4 and g["betas"] == (0.9, 0.99) for g in optimizer.param_groups)
+    with pytest.raises(TypeError, match="TrainingArguments"):
+        lion_optimizer_cls_and_kwargs({"learning_rate": 1e-3})
+
+
+def test_adamw_to_lion():
+    assert adamw_to_lion(3e-4, 0.01) == pytest.approx({"learning_rate": 1e-4, "weight_decay": 0.03})
+    assert adamw_to_lion(1e-3, 0.1, factor=10) == pytest.approx({"learning_rate": 1e-4, "weight_decay": 1.0})
+    with pytest.raises(ValueError, match="factor"):
+        adamw_to_lion(1e-3, 0.1, factor=0.5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        adamw_to_lion(-1e-3, 0.1)
