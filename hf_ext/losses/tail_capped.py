@@ -50,15 +50,12 @@ class TailCappedLoss:
         return (f"TailCappedLoss(gamma={self.gamma}, min_weight={self.min_weight}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, fused={self.fused}, chunk_size={self.chunk_size})")
 
-    def __call__(self, logits_or_outputs, labels, *args, num_items_in_batch=None, shift_labels=None, **kwargs):
-        """Either ``(outputs, labels, num_items_in_batch)`` (Trainer's compute_loss_func) or ``(logits, labels,
-        vocab_size, num_items_in_batch=None, ignore_index=..., shift_labels=None)`` (model.loss_function)."""
-        if hasattr(logits_or_outputs, "logits"):  # a ModelOutput from Trainer.compute_loss
-            logits = logits_or_outputs.logits
-            if args:
-                num_items_in_batch = args[0]
-        else:
-            logits = logits_or_outputs
+    def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None, shift_labels=None, **kwargs):
+        """Called as ``(outputs, labels, num_items_in_batch=...)`` by Trainer's compute_loss_func, where ``outputs``
+        is the model's output, or as ``(logits=, labels=, vocab_size=, num_items_in_batch=, shift_labels=)`` by a
+        model's forward. Extra keyword arguments (such as ``ignore_index``) are ignored: the object's own apply."""
+        if hasattr(logits, "logits"):  # a ModelOutput from Trainer.compute_loss
+            logits = logits.logits
         targets = self._targets(labels, shift_labels, logits.device)
         losses, valid = tail_capped_token_losses(logits.reshape(-1, logits.shape[-1]), targets, self.gamma,
                                                  self.min_weight, self.ignore_index, self.label_smoothing)

@@ -21,10 +21,14 @@ import torch
 __all__ = ["tail_capped_weights", "tail_capped_token_losses", "fused_linear_tail_capped_loss"]
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def tail_capped_weights(target_log_probs: torch.Tensor, gamma: float, min_weight: float) -> torch.Tensor:
     """w = clamp(p / (γ + (1 − γ)p), min_weight, 1) from log p [N] (computed in log space; no gradient)."""
     with torch.no_grad():
-        log_p = target_log_probs.float()
+        log_p = target_log_probs.to(_at_least_fp32(target_log_probs))
         weights = torch.exp(log_p - torch.log(gamma + (1 - gamma) * torch.exp(log_p)))
         return weights.clamp_(min=min_weight, max=1.0)
 
@@ -40,7 +44,7 @@ def tail_capped_token_losses(
     """Per-token tail-capped losses: logits [N, V] (any float dtype, computed in fp32), targets [N] → losses [N]
     (fp32, 0 where ``targets == ignore_index``) and the valid-token mask [N]."""
     valid = targets != ignore_index
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(logits.to(_at_least_fp32(logits)), dim=-1)
     safe_targets = torch.where(valid, targets, 0)
     target_log_probs = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     losses = -tail_capped_weights(target_log_probs, gamma, min_weight) * target_log_probs
@@ -57,12 +61,13 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, gamma, min_weight, ignore_index, label_smoothing, chunk_size,
                 divisor):
-        needs_grad = torch.is_grad_enabled() and any(ctx.needs_input_grad[:3])
+        needs_grad = any(ctx.needs_input_grad[:3])  # False under no_grad or for frozen inputs
         num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=_at_least_fp32(hidden), device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if needs_grad and ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad and ctx.needs_input_grad[1] else None
-        grad_bias = (torch.zeros_like(bias, dtype=torch.float32)
+        grad_weight = (torch.zeros_like(weight, dtype=_at_least_fp32(weight))
+                       if needs_grad and ctx.needs_input_grad[1] else None)
+        grad_bias = (torch.zeros_like(bias, dtype=_at_least_fp32(bias))
                      if needs_grad and bias is not None and ctx.needs_input_grad[2] else None)
         for start in range(0, num_tokens, chunk_size):
             h = hidden[start:start + chunk_size]
@@ -70,9 +75,11 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
             valid = t != ignore_index
             if not bool(valid.any()):
                 continue
-            logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()
+            valid = valid.to(total.dtype)  # a float mask: bool × Python float would be computed in fp32
+            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+            logits = logits.to(_at_least_fp32(logits))
             log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
-            safe_t = torch.where(valid, t, 0).unsqueeze(-1)
+            safe_t = torch.where(valid > 0, t, 0).unsqueeze(-1)
             target_log_probs = (logits.gather(-1, safe_t) - log_normalizer).squeeze(-1)
             weights = tail_capped_weights(target_log_probs, gamma, min_weight) * valid
             token_losses = -weights * target_log_probs
@@ -92,7 +99,7 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h.float())  # accumulated over chunks in fp32
+                grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))  # accumulated over chunks in fp32
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
@@ -103,7 +110,7 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        scale = grad_output.float() / ctx.divisor
+        scale = grad_output / ctx.divisor
         grads = [(g * scale).to(dtype) if has else None
                  for g, has, dtype in zip(ctx.saved_tensors, ctx.has_grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None, None)
@@ -140,6 +147,6 @@ def fused_linear_tail_capped_loss(
     if divisor is None:
         divisor = (targets != ignore_index).sum().clamp(min=1)
     if torch.is_tensor(divisor):
-        divisor = divisor.to(device=hidden.device, dtype=torch.float32)
+        divisor = divisor.to(device=hidden.device, dtype=_at_least_fp32(hidden))
     return _FusedLinearTailCappedLoss.apply(hidden, weight, bias, targets, float(gamma), float(min_weight),
                                             ignore_index, float(label_smoothing), chunk_size, divisor)
