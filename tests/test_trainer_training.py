@@ -11,25 +11,7 @@ from hf_ext.losses import TailCappedLoss
 from hf_ext.optim import lion_optimizer_cls_and_kwargs
 
 from conftest import tiny_config
-
-
-class _Rows(torch.utils.data.Dataset):
-    """Fixed-length rows whose labels hide a different number of tokens each (so token counts differ per row)."""
-
-    def __init__(self, count: int, length: int = 12, vocab: int = 97, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.rows = []
-        for index in range(count):
-            ids = torch.randint(3, vocab, (length,), generator=generator)
-            labels = ids.clone()
-            labels[: (index * 3) % (length - 2)] = -100
-            self.rows.append({"input_ids": ids, "labels": labels})
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
+from training_data import RaggedLabelRows
 
 
 def _args(tmp_path, **overrides):
@@ -47,7 +29,7 @@ def _sgd_update(tmp_path, model, batch_size, accumulation, **trainer_kwargs):
     args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                  max_steps=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    Trainer(model, args, train_dataset=_Rows(4), optimizers=(optimizer, None), **trainer_kwargs).train()
+    Trainer(model, args, train_dataset=RaggedLabelRows(4), optimizers=(optimizer, None), **trainer_kwargs).train()
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
 
 
@@ -64,9 +46,7 @@ def test_gradient_accumulation_is_exact(tmp_path, plumbing):
     # float64 reference: the mean over all valid target tokens of the four rows, computed directly
     reference_model = copy.deepcopy(model)
     reference_model.loss_function = TailCappedLoss(gamma=0.3, min_weight=0.1)
-    rows = _Rows(4)
-    ids = torch.stack([r["input_ids"] for r in rows.rows])
-    labels = torch.stack([r["labels"] for r in rows.rows])
+    ids, labels = RaggedLabelRows(4).stacked()
     reference_model(ids, labels=labels).loss.backward()
     expected = -torch.cat([p.grad.flatten() for p in reference_model.parameters()])
     for update in updates:
@@ -79,7 +59,7 @@ def _lion_run(tmp_path, max_steps, resume_from=None, save_steps=None):
     args = _args(tmp_path, per_device_train_batch_size=2, max_steps=max_steps, learning_rate=3e-3,
                  lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.1,
                  save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500)
-    trainer = Trainer(model, args, train_dataset=_Rows(24),
+    trainer = Trainer(model, args, train_dataset=RaggedLabelRows(24),
                       optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(args, state_dtype=torch.float32),
                       compute_loss_func=TailCappedLoss(gamma=0.1))
     trainer.train(resume_from_checkpoint=resume_from)
