@@ -2,7 +2,7 @@
 
 The demo is a list of steps (`DEMO_STEPS`) sharing one `DemoRun`; each capability of hf_ext adds its own step.
 Default run: train a byte-level BPE tokenizer on the Python documentation (Debian's python3.11-doc), build an HfExt
-model from the `hfext-small` preset, train it briefly with `Trainer`, save it, reload it through
+model from the `hfext-small` preset, train it briefly with `Trainer` (Lion and the fused tail-capped loss), save it, reload it through
 `AutoModelForCausalLM.from_pretrained`, generate a continuation and print a report.
 """
 
@@ -28,7 +28,9 @@ class DemoSettings:
     block_size: int = 128
     max_steps: int = 300
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 2e-3  # an AdamW-scale rate; Lion trains with it ÷ 3 (and weight decay × 3)
+    weight_decay: float = 0.1
+    tail_capped_gamma: float = 0.05  # γ of the tail-capped loss; near 0 when training from scratch (Su)
     max_characters: int = 3_000_000  # of the default corpus, enough for a few minutes of training
     eval_blocks: int = 64
     long_context_factor: int = 8  # the extrapolation step evaluates at this many times the training length
@@ -156,29 +158,39 @@ def _mean_loss(model, blocks, batch_size: int) -> float:
 
 
 def train(run: DemoRun) -> None:
-    """A short `Trainer` run (AdamW, cosine schedule); loss measured on held-out blocks before and after."""
+    """A short `Trainer` run with Lion and the fused tail-capped loss; cross-entropy on held-out blocks before and
+    after (the AdamW-scale learning rate and weight decay are converted with `adamw_to_lion`)."""
     from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from .losses import TailCappedLoss, disable_fused_loss, enable_fused_loss
+    from .optim import adamw_to_lion, lion_optimizer_cls_and_kwargs
 
     settings, model = run.settings, run.artifacts["model"]
     loss_before = _mean_loss(model, run.artifacts["eval_blocks"], settings.batch_size)
+    lion_settings = adamw_to_lion(settings.learning_rate, settings.weight_decay)
     args = TrainingArguments(
         output_dir=str(settings.output_dir / "trainer"), max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=max(1, settings.max_steps // 10), weight_decay=0.1,
+        per_device_train_batch_size=settings.batch_size, **lion_settings,
+        lr_scheduler_type="cosine", warmup_steps=max(1, settings.max_steps // 10),
         logging_steps=max(1, settings.max_steps // 10), save_strategy="no", report_to=[], seed=settings.seed,
         dataloader_num_workers=0, use_cpu=True, disable_tqdm=False,
     )
+    loss = TailCappedLoss(gamma=settings.tail_capped_gamma, fused=True)
+    enable_fused_loss(model, loss)  # lm_head + loss chunk by chunk: the [tokens, vocab] logits never exist
     trainer = Trainer(model=model, args=args, train_dataset=run.artifacts["train_blocks"],
-                      data_collator=default_data_collator)
+                      data_collator=default_data_collator,
+                      optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(args))
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
+    disable_fused_loss(model)
     loss_after = _mean_loss(model, run.artifacts["eval_blocks"], settings.batch_size)
     trained_tokens = settings.max_steps * settings.batch_size * settings.block_size
     run.report["training"] = {
-        "steps": settings.max_steps, "eval_loss_before": loss_before, "eval_loss_after": loss_after,
-        "eval_perplexity_after": math.exp(loss_after), "train_tokens_per_second": trained_tokens / seconds,
-        "seconds": seconds,
+        "steps": settings.max_steps, "optimizer": f"Lion (lr {args.learning_rate:.3g}, weight decay "
+        f"{args.weight_decay:.3g})", "loss": repr(loss), "eval_loss_before": loss_before,
+        "eval_loss_after": loss_after, "eval_perplexity_after": math.exp(loss_after),
+        "train_tokens_per_second": trained_tokens / seconds, "seconds": seconds,
     }
 
 
@@ -266,7 +278,8 @@ def format_report(report: dict) -> str:
         f"  model        : {report['model']['preset']}, {report['model']['parameters'] / 1e6:.2f}M parameters",
         f"  eval loss    : {training['eval_loss_before']:.3f} before -> {training['eval_loss_after']:.3f} after "
         f"{training['steps']} steps (perplexity {training['eval_perplexity_after']:.1f})",
-        f"  training     : {training['train_tokens_per_second']:,.0f} tokens/s ({training['seconds']:.0f} s)",
+        f"  training     : {training['optimizer']}, {training['loss']}",
+        f"                 {training['train_tokens_per_second']:,.0f} tokens/s ({training['seconds']:.0f} s)",
         f"  generation   : {generation['decode_tokens_per_second']:.1f} tokens/s",
         f"  checkpoint   : {checkpoint['path']} (reload max |Δlogit| {checkpoint['reload_max_abs_logit_difference']:.1e})",
         f"  continuation : {generation['prompt']!r} -> {generation['continuation']!r}",
