@@ -79,3 +79,13 @@ def test_example_hybrid_quickstart_runs(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "per-layer scheme: [('sliding_attention', 'rope'), ('sliding_attention', 'rope'), ('full_attention', 'none')" in result.stdout
+
+
+def test_example_finetune_smollm2_with_lion_and_tail_capped_loss_runs(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "finetune_smollm2_lion_tail_capped.py"
+    result = subprocess.run([sys.executable, str(example), "--output-dir", str(tmp_path), "--max-steps", "2"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer: Lion" in result.stdout and "held-out loss:" in result.stdout

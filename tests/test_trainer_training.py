@@ -33,18 +33,25 @@ def _sgd_update(tmp_path, model, batch_size, accumulation, **trainer_kwargs):
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
 
 
-@pytest.mark.parametrize("plumbing", ["compute_loss_func", "model.loss_function", "fused"])
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("plumbing", ["compute_loss_func", "model.loss_function", "fused", "fused llama"])
 def test_gradient_accumulation_is_exact(tmp_path, plumbing):
-    model = hf_ext.HfExtForCausalLM(tiny_config()).double()
-    loss = TailCappedLoss(gamma=0.3, min_weight=0.1, fused=plumbing == "fused", chunk_size=8)
+    model = (_tiny_llama() if plumbing == "fused llama" else hf_ext.HfExtForCausalLM(tiny_config())).double()
+    loss = TailCappedLoss(gamma=0.3, min_weight=0.1, fused=plumbing.startswith("fused"), chunk_size=8)
     trainer_kwargs = {}
     if plumbing == "compute_loss_func":
         trainer_kwargs["compute_loss_func"] = loss
     else:
-        model.loss_function = loss
+        hf_ext.losses.enable_fused_loss(model, loss) if loss.fused else setattr(model, "loss_function", loss)
     updates = [_sgd_update(tmp_path, model, b, 4 // b, **trainer_kwargs) for b in (4, 2, 1)]
     # float64 reference: the mean over all valid target tokens of the four rows, computed directly
-    reference_model = copy.deepcopy(model)
+    reference_model = hf_ext.losses.disable_fused_loss(copy.deepcopy(model))
     reference_model.loss_function = TailCappedLoss(gamma=0.3, min_weight=0.1)
     ids, labels = RaggedLabelRows(4).stacked()
     reference_model(ids, labels=labels).loss.backward()

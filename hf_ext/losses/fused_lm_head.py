@@ -9,6 +9,8 @@ unchanged. `disable_fused_loss` removes the override.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -38,26 +40,37 @@ def enable_fused_loss(model: torch.nn.Module, loss: TailCappedLoss) -> torch.nn.
         if getattr(model.config, name, None) not in (None, 1, 1.0):
             raise ValueError(f"enable_fused_loss: {type(model).__name__} sets config.{name}="
                              f"{getattr(model.config, name)!r}, which the fused loss does not apply")
-    class_forward = type(model).forward
+    model.forward = _FusedLossForward(model)
+    model.loss_function = loss
+    return model
 
-    def forward(*args, labels=None, logits_to_keep=0, num_items_in_batch=None, shift_labels=None, **kwargs):
+
+class _FusedLossForward:
+    """The instance-level forward `enable_fused_loss` installs. A callable object rather than a closure, so that
+    ``copy.deepcopy(model)`` gives the copy a forward bound to the copy (a closure would keep running the original).
+    It shows the class forward's signature, because Trainer keeps only the dataset columns forward names."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.__signature__ = inspect.signature(type(model).forward.__get__(model))
+        self.__doc__ = f"{type(model).__name__}.forward with the fused tail-capped loss in training (hf_ext)."
+
+    def __call__(self, *args, labels=None, logits_to_keep=0, num_items_in_batch=None, shift_labels=None, **kwargs):
+        model = self.model
         if labels is None or not model.training:
             loss_kwargs = {k: v for k, v in (("num_items_in_batch", num_items_in_batch), ("shift_labels", shift_labels))
                            if v is not None}
-            return class_forward(model, *args, labels=labels, logits_to_keep=logits_to_keep, **loss_kwargs, **kwargs)
-        outputs = decoder(*args, **kwargs)
+            return type(model).forward(model, *args, labels=labels, logits_to_keep=logits_to_keep, **loss_kwargs,
+                                       **kwargs)
+        outputs = model.model(*args, **kwargs)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        value = loss.loss_from_hidden_states(hidden_states, lm_head, labels, num_items_in_batch=num_items_in_batch,
-                                             shift_labels=shift_labels)
+        value = model.loss_function.loss_from_hidden_states(hidden_states, model.lm_head, labels,
+                                                            num_items_in_batch=num_items_in_batch,
+                                                            shift_labels=shift_labels)
         return CausalLMOutputWithPast(loss=value, logits=None, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-
-    forward.__doc__ = f"{type(model).__name__}.forward with the fused tail-capped loss in training (hf_ext)."
-    model.forward = forward
-    model.loss_function = loss
-    return model
 
 
 def disable_fused_loss(model: torch.nn.Module) -> torch.nn.Module:
