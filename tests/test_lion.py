@@ -201,3 +201,16 @@ def test_adamw_to_lion():
         adamw_to_lion(1e-3, 0.1, factor=0.5)
     with pytest.raises(ValueError, match="learning_rate"):
         adamw_to_lion(-1e-3, 0.1)
+
+
+def test_fused_kernel_build_failure_names_the_fallback(monkeypatch):
+    import hf_ext.ops.lion as lion_ops
+
+    def broken(*args):
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(lion_ops, "_compiled_flat", broken)
+    param = torch.zeros(lion_ops.FUSED_MIN_NUMEL, requires_grad=True)
+    param.grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match="fused=False"):
+        Lion([param], fused=True).step()

@@ -100,7 +100,12 @@ def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: fl
         for param, grad, momentum in zip(params, grads, momenta):
             tensors = (param, grad, momentum)
             if param.numel() >= FUSED_MIN_NUMEL and all(t.is_contiguous() for t in tensors):
-                _compiled_flat(*(t.view(-1) for t in tensors), *hyper)
+                try:
+                    _compiled_flat(*(t.view(-1) for t in tensors), *hyper)
+                except Exception as error:  # the compiler backend is missing or broken on this machine
+                    raise RuntimeError("Lion(fused=True): torch.compile could not build the fused update kernel "
+                                       f"({type(error).__name__}: {error}); use fused=False (the foreach kernel "
+                                       "gives identical results)") from error
             else:
                 for bucket, tensor in zip(small, tensors):
                     bucket.append(tensor)
