@@ -145,3 +145,19 @@ def test_bad_arguments_get_clear_errors():
         enable_fused_loss(torch.nn.Linear(2, 2), TailCappedLoss(gamma=0.1, fused=True))
     with pytest.raises(ValueError, match="targets"):
         fused_linear_tail_capped_loss(torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long), gamma=0)
+
+
+def test_fused_path_with_bf16_weights_tracks_the_float64_gradients():
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(50, 32, generator=generator)
+    weight = torch.randn(120, 32, generator=generator) / 4
+    targets = torch.randint(0, 120, (50,), generator=generator)
+    inputs = [hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()]
+    fused_linear_tail_capped_loss(*inputs, targets, gamma=0.2, chunk_size=16).backward()
+    reference = [hidden.bfloat16().double().requires_grad_(), weight.bfloat16().double().requires_grad_()]
+    losses, _ = tail_capped_token_losses(reference[0] @ reference[1].T, targets, 0.2)
+    (losses.sum() / 50).backward()
+    for ours, expected in zip(inputs, reference):
+        assert ours.grad.dtype == torch.bfloat16
+        error = ((ours.grad.double() - expected.grad).norm() / expected.grad.norm()).item()
+        assert error < 2e-2

@@ -10,8 +10,9 @@ log-likelihood by a detached weight::
 token loss is (1 − ε)·TaiLr + ε·mean_v(−log p_v), the smoothing term not re-weighted (the official criterion).
 
 `tail_capped_token_losses` works on logits [N, V]; `fused_linear_tail_capped_loss` takes hidden states [N, d] and
-the output projection [V, d] and processes the tokens in chunks, so that only a [chunk, V] fp32 block exists at a
-time and the softmax is computed once per chunk (the same buffer becomes the logits' gradient).
+the output projection [V, d] and processes the tokens in chunks, so that one [chunk, V] fp32 block exists at a time
+(plus, for bf16/fp16 weights, the matmul's own [chunk, V] output in that dtype); the softmax is computed once per
+chunk, in place, and the same block becomes the logits' gradient.
 """
 
 from __future__ import annotations
@@ -76,44 +77,65 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
             if not bool(valid.any()):
                 continue
             valid = valid.to(total.dtype)  # a float mask: bool × Python float would be computed in fp32
-            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-            logits = logits.to(_at_least_fp32(logits))
-            log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
             safe_t = torch.where(valid > 0, t, 0).unsqueeze(-1)
-            target_log_probs = (logits.gather(-1, safe_t) - log_normalizer).squeeze(-1)
+            # The chunk's one [chunk, V] block: logits, shifted by their row maximum, then exponentiated in place.
+            block = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+            block = block.to(_at_least_fp32(block))
+            block.sub_(block.amax(dim=-1, keepdim=True))
+            shifted_target_logits = block.gather(-1, safe_t).squeeze(-1)
+            shifted_mean_logits = block.mean(dim=-1) if label_smoothing > 0 else None
+            block.exp_()
+            row_sums = block.sum(dim=-1)
+            log_row_sums = row_sums.log()
+            target_log_probs = shifted_target_logits - log_row_sums
             weights = tail_capped_weights(target_log_probs, gamma, min_weight) * valid
             token_losses = -weights * target_log_probs
             if label_smoothing > 0:
-                mean_log_probs = logits.mean(dim=-1) - log_normalizer.squeeze(-1)
+                mean_log_probs = shifted_mean_logits - log_row_sums
                 token_losses = (1 - label_smoothing) * token_losses - label_smoothing * mean_log_probs * valid
             total += token_losses.sum()
-            if not needs_grad:
-                continue
-            # d(token loss)/d(logits) = c·softmax − (1 − ε)·w·onehot − ε/V, with c = (1 − ε)·w + ε on valid rows.
-            probs = logits.sub_(log_normalizer).exp_()  # the chunk's only [chunk, V] buffer, reused in place
-            scale = (1 - label_smoothing) * weights + label_smoothing * valid
-            grad_logits = probs.mul_(scale.unsqueeze(-1))
-            grad_logits.scatter_add_(-1, safe_t, (-(1 - label_smoothing) * weights).unsqueeze(-1))
-            if label_smoothing > 0:
-                grad_logits.sub_((label_smoothing / vocab_size) * valid.unsqueeze(-1))
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))  # accumulated over chunks in fp32
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+            if needs_grad:
+                # d(token loss)/d(logits) = c·softmax − (1 − ε)·w·onehot − ε/V, with c = (1 − ε)·w + ε on valid
+                # rows; softmax = block / row_sums, so the row factor c / row_sums turns the block into the gradient.
+                scale = (1 - label_smoothing) * weights + label_smoothing * valid
+                grad_logits = block.mul_((scale / row_sums).unsqueeze(-1))
+                grad_logits.scatter_add_(-1, safe_t, (-(1 - label_smoothing) * weights).unsqueeze(-1))
+                if label_smoothing > 0:
+                    grad_logits.sub_((label_smoothing / vocab_size) * valid.unsqueeze(-1))
+                _accumulate_chunk_grads(grad_logits, h, weight, start, grad_hidden, grad_weight, grad_bias)
+            del block  # free the chunk's block before the next chunk's matmul allocates its own
+        for grad in (grad_hidden, grad_weight, grad_bias):
+            if grad is not None:
+                grad.div_(divisor)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.has_grads = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        ctx.divisor = divisor
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / divisor
 
     @staticmethod
     def backward(ctx, grad_output):
-        scale = grad_output / ctx.divisor
-        grads = [(g * scale).to(dtype) if has else None
+        # The usual incoming gradient is exactly 1 (loss.backward()): hand the gradients over without a copy.
+        unit = bool(grad_output == 1)
+        grads = [None if not has else (g if unit else g * grad_output).to(dtype)
                  for g, has, dtype in zip(ctx.saved_tensors, ctx.has_grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None, None)
+
+
+def _accumulate_chunk_grads(grad_logits, h, weight, start, grad_hidden, grad_weight, grad_bias) -> None:
+    """Add one chunk's contribution to the hidden, weight and bias gradients (shapes as in the forward)."""
+    low_precision = weight.dtype not in (torch.float32, torch.float64)
+    # bf16/fp16 weights: the two products run in the weight dtype (what autograd does for a bf16 lm_head, and
+    # several times faster on CPUs with bf16 units); the weight gradient is still summed over chunks in fp32.
+    grad_logits_w = grad_logits.to(weight.dtype) if low_precision else grad_logits
+    if grad_hidden is not None:
+        grad_hidden[start:start + h.shape[0]] = grad_logits_w @ weight
+    if grad_weight is not None:
+        if low_precision:
+            grad_weight.add_(grad_logits_w.T @ h)
+        else:
+            grad_weight.addmm_(grad_logits.T, h.to(grad_logits.dtype))
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
 
 
 def fused_linear_tail_capped_loss(
