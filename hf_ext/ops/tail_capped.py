@@ -98,11 +98,12 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
                 # d(token loss)/d(logits) = c·softmax − (1 − ε)·w·onehot − ε/V, with c = (1 − ε)·w + ε on valid
                 # rows; softmax = block / row_sums, so the row factor c / row_sums turns the block into the gradient.
                 scale = (1 - label_smoothing) * weights + label_smoothing * valid
-                grad_logits = block.mul_((scale / row_sums).unsqueeze(-1))
-                grad_logits.scatter_add_(-1, safe_t, (-(1 - label_smoothing) * weights).unsqueeze(-1))
+                # In place, under the one name `block`: a second name would keep it alive past the `del` below.
+                block.mul_((scale / row_sums).unsqueeze(-1))
+                block.scatter_add_(-1, safe_t, (-(1 - label_smoothing) * weights).unsqueeze(-1))
                 if label_smoothing > 0:
-                    grad_logits.sub_((label_smoothing / vocab_size) * valid.unsqueeze(-1))
-                _accumulate_chunk_grads(grad_logits, h, weight, start, grad_hidden, grad_weight, grad_bias)
+                    block.sub_((label_smoothing / vocab_size) * valid.unsqueeze(-1))
+                _accumulate_chunk_grads(block, h, weight, start, grad_hidden, grad_weight, grad_bias)
             del block  # free the chunk's block before the next chunk's matmul allocates its own
         for grad in (grad_hidden, grad_weight, grad_bias):
             if grad is not None:
