@@ -1,32 +1,10 @@
 """Lion and the tail-capped loss under 2-process gloo DDP / FSDP2 (torchrun), against single-process runs."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-SCRIPT = Path(__file__).resolve().parent / "distributed" / "training_ranks.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torchrun import torchrun
 
 
 def _torchrun(scenario: str, tmp_path) -> dict:
-    output = tmp_path / "result.json"
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(SCRIPT.parents[1]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(SCRIPT), scenario, str(output)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return json.loads(output.read_text())
+    return torchrun("training_ranks.py", scenario, tmp_path)
 
 
 def test_ddp_lion_ranks_agree_and_match_single_process(tmp_path):

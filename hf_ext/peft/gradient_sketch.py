@@ -1,0 +1,186 @@
+"""Top singular vectors of many layers' mean weight gradients without ever forming a gradient.
+
+For a linear layer the gradient of one batch is G_b = δᵀ X (X: the layer's inputs, δ: the gradients of its outputs,
+tokens on rows), so G M = δᵀ (X M) and Gᵀ M = Xᵀ (δ M) for a thin M come straight from a forward hook and a tensor
+hook on the output. `torch.svd_lowrank`'s randomized range finder only ever needs such thin products, so it runs
+here as passes over the same batches: one pass per multiplication, all layers at once, each layer holding only
+[dim, q] matrices. The result equals `torch.svd_lowrank(G, q, niter)` of the explicit mean gradient (same random
+test matrix, up to float rounding; tested), the computation PEFT's built-in and the paper's code do on a resident G.
+Quantized (bitsandbytes) layers work the same way: their weights never need a gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class _LayerRangeFinder:
+    """The state of `torch.svd_lowrank`'s algorithm for one layer's gradient G [out, in].
+
+    svd_lowrank works on the tall orientation T (G, or Gᵀ when out < in): Q = orth(T R); `niter` times
+    Q = orth(T·orth(Tᵀ Q)); then the small SVD of Qᵀ T. Each step here is one product with G or Gᵀ.
+    """
+
+    def __init__(self, out_features: int, in_features: int, q: int, seed: int):
+        self.transposed = out_features < in_features
+        self.tall_cols = out_features if self.transposed else in_features
+        self.q, self.seed = q, seed
+        self.probe: torch.Tensor | None = None  # R of svd_lowrank, drawn in the dtype of the first batch
+        self.probe_side = "tall"  # the next product is T·probe ("tall") or Tᵀ·probe ("wide")
+        self.product: torch.Tensor | None = None
+
+    @property
+    def multiplies_gradient(self) -> bool:
+        """True when this pass computes G·probe (else Gᵀ·probe)."""
+        return (self.probe_side == "tall") != self.transposed
+
+    def accumulate(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
+        """Add one batch's G_b·probe = δᵀ(X·probe) (or G_bᵀ·probe = Xᵀ(δ·probe)); inputs [T, in], grads [T, out]."""
+        if self.probe is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.probe = torch.randn(self.tall_cols, self.q, generator=generator, dtype=inputs.dtype)
+        probe = self.probe.to(inputs.device)
+        if self.multiplies_gradient:
+            product = output_grads.T @ (inputs @ probe)
+        else:
+            product = inputs.T @ (output_grads @ probe)
+        self.product = product if self.product is None else self.product.add_(product)
+
+    def finish_pass(self, num_batches: int, final: bool) -> None:
+        """Average the pass's product over batches (and ranks), then orthonormalise it into the next probe."""
+        if self.product is None:
+            raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
+                               "inputs to the loss (check target_modules and the loss function)")
+        product = self.product / num_batches
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(product, op=torch.distributed.ReduceOp.SUM)
+            product /= torch.distributed.get_world_size()
+        self.product = None
+        if final:
+            self.final_product = product  # Tᵀ Q, i.e. (Qᵀ T)ᵀ
+        else:
+            self.probe = torch.linalg.qr(product).Q
+            self.probe_side = "wide" if self.probe_side == "tall" else "tall"
+
+    def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U [out, q], S [q], V [in, q]) with G ≈ U diag(S) Vᵀ, as `torch.svd_lowrank` returns them."""
+        small = self.final_product.T  # Qᵀ T [q, tall_cols]
+        u_small, singular_values, vh = torch.linalg.svd(small, full_matrices=False)
+        left, right = self.probe.to(u_small.device) @ u_small, vh.T
+        if self.transposed:
+            left, right = right, left
+        return left, singular_values, right
+
+
+def _pass_schedule(power_iterations: int) -> list[str]:
+    """svd_lowrank's products in order: T·R, then (Tᵀ·Q, T·Q) per power iteration, then Tᵀ·Q for the final SVD."""
+    return ["tall"] + ["wide", "tall"] * power_iterations + ["wide"]
+
+
+@contextmanager
+def _capture_products(layers: Mapping[str, nn.Module], finders: Mapping[str, _LayerRangeFinder]):
+    """Forward hooks that hand each layer's (inputs, output gradients) of every call to its range finder."""
+
+    def make_hook(finder: _LayerRangeFinder):
+        def hook(module, args, output):
+            inputs = args[0].detach()
+            if not output.requires_grad:
+                # The first targets see inputs that need no gradient (everything is frozen): start the graph here,
+                # on a fresh leaf (quantized layers may return views, whose in-place requires_grad_ misbehaves).
+                output = output.detach().requires_grad_()
+
+            def on_output_grad(grad):
+                dtype = torch.promote_types(grad.dtype, torch.float32)  # fp32 products for bf16/fp16 models
+                finder.accumulate(inputs.reshape(-1, inputs.shape[-1]).to(dtype),
+                                  grad.reshape(-1, grad.shape[-1]).to(dtype))
+
+            output.register_hook(on_output_grad)
+            return output
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(finders[name])) for name, layer in layers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gradient_singular_vectors(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: list,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    *,
+    q: Mapping[str, int],
+    power_iterations: int = 4,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer, (U, S, V) of the mean over ``batches`` of d loss_fn(model, batch) / d layer.weight.
+
+    ``layers`` maps names to modules called as ``layer(x)`` with x [..., in] and output [..., out]; ``q`` gives the
+    number of singular triplets per layer. Runs 2 + 2·power_iterations passes over ``batches``, which must all see
+    the same function: call it with dropout off (eval mode). Under torch.distributed the products are averaged
+    across ranks after each pass, so every rank gets the factors of the globally averaged gradient.
+    """
+    finders = {}
+    for name, layer in layers.items():
+        out_features, in_features = _layer_shape(layer)
+        finders[name] = _LayerRangeFinder(out_features, in_features, q[name], seed)
+    schedule = _pass_schedule(power_iterations)
+    is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    progress = tqdm(total=len(schedule) * len(batches), desc="LoRA-GA gradient passes",
+                    disable=not (show_progress and is_main))
+    try:
+        with torch.enable_grad(), _capture_products(layers, finders):
+            for pass_index in range(len(schedule)):
+                for batch in batches:
+                    loss = loss_fn(model, batch)
+                    loss.backward()
+                    progress.update()
+                for finder in finders.values():
+                    finder.finish_pass(len(batches), final=pass_index == len(schedule) - 1)
+    finally:
+        progress.close()
+    return {name: finder.singular_vectors() for name, finder in finders.items()}
+
+
+def _layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear-like layer (nn.Linear, bitsandbytes Linear4bit/8bitLt, Conv1D)."""
+    if hasattr(layer, "out_features") and hasattr(layer, "in_features"):
+        return int(layer.out_features), int(layer.in_features)
+    if type(layer).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
+        return int(layer.nf), int(layer.weight.shape[0])
+    raise TypeError(f"{type(layer).__name__} is not a linear layer (needs in_features/out_features)")
+
+
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The model's own loss: ``model(**batch).loss`` on the model's device."""
+    device = next(model.parameters()).device
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batches must be mappings of model inputs (with labels), got {type(batch).__name__}; "
+                        "pass loss_fn=callable(model, batch) for other batch types")
+    outputs = model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+    if getattr(outputs, "loss", None) is None:
+        raise ValueError("the model returned no loss for a gradient batch: include labels in the batches or pass "
+                         "loss_fn=callable(model, batch)")
+    return outputs.loss
+
+
+def take_batches(dataloader: Iterable, num_batches: int) -> list:
+    """The first ``num_batches`` batches of ``dataloader`` (every pass must see the same ones)."""
+    batches = []
+    for batch in dataloader:
+        batches.append(batch)
+        if len(batches) == num_batches:
+            break
+    if not batches:
+        raise ValueError("dataloader yielded no batches for the LoRA-GA gradient estimate")
+    return batches
