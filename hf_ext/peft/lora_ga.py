@@ -153,7 +153,7 @@ def _check_targets(lora_layers: dict, adapter_name: str) -> None:
 def get_lora_ga_model(
     model: nn.Module,
     lora_config: LoraConfig,
-    dataloader: Iterable | None = None,
+    dataloader: Iterable,
     *,
     num_gradient_batches: int = 8,
     loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
@@ -201,8 +201,6 @@ def get_lora_ga_model(
         raise ValueError(f"num_gradient_batches must be a positive int, got {num_gradient_batches!r}")
     if not isinstance(power_iterations, int) or power_iterations < 0:
         raise ValueError(f"power_iterations must be an int >= 0, got {power_iterations!r}")
-    if dataloader is None:
-        raise ValueError("get_lora_ga_model needs a dataloader (any iterable of batches) for the gradient estimate")
     batches = take_batches(dataloader, num_gradient_batches)
 
     peft_model = get_peft_model(model, _doubled_rank_config(lora_config), adapter_name=adapter_name)
