@@ -79,8 +79,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from hf_ext.assets import python_doc_files, smollm2_gguf_path
 from hf_ext.benchmarking import (
-    _fix_mmap_threshold,
+    benchmark_settings,
     configure_threads,
+    fix_mmap_threshold,
     make_result,
     memory_ratio,
     peak_memory_growth,
@@ -293,11 +294,7 @@ def _log(message: str) -> None:
 def main(quick: bool = False, **overrides) -> dict:
     """Run the benchmark; keyword arguments override entries of `FULL` / `QUICK` (e.g. ``memory_repeats=1``)."""
     started = time.perf_counter()
-    settings = copy.deepcopy(QUICK if quick else FULL)
-    unknown = set(overrides) - set(settings)
-    if unknown:
-        raise ValueError(f"Unknown settings {sorted(unknown)}; known: {sorted(settings)}.")
-    settings.update(overrides)
+    settings = benchmark_settings(FULL, QUICK, quick, overrides)
     threads = configure_threads()
     sections = {}
 
@@ -338,7 +335,7 @@ def main(quick: bool = False, **overrides) -> dict:
          f"{settings['batch_size']} x {settings['sequence_length']} tokens, {threads} threads")
 
     section_start = time.perf_counter()
-    _fix_mmap_threshold()  # as compare_peak_memory does: freed large blocks go back to the OS
+    fix_mmap_threshold()  # as compare_peak_memory does: freed large blocks go back to the OS
     reference_logits = logits_of(reference, batches[0])
     warm_up(settings, reference, batches[0])
     sections["warm_up"] = time.perf_counter() - section_start

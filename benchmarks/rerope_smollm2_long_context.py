@@ -62,7 +62,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ext  # noqa: F401  (registers hfx_rerope / hfx_leaky_rerope)
 from hf_ext.assets import PYTHON_DOC_SOURCES, python_doc_files, smollm2_gguf_path
-from hf_ext.benchmarking import configure_threads, make_result, save_result
+from hf_ext.benchmarking import benchmark_settings, configure_threads, make_result, save_result
 
 NAME = "rerope_smollm2_long_context"
 BUILTIN_METHODS = ("plain", "yarn", "dynamic")  # transformers' own; run with sdpa
@@ -452,11 +452,7 @@ def _markdown_tables(loss: dict, passkey: dict, tail: int, training_length: int)
 def main(quick: bool = False, **overrides) -> dict:
     """Run the benchmark; keyword arguments override entries of `FULL` / `QUICK` (e.g. ``documents=2``)."""
     started = time.perf_counter()
-    settings = copy.deepcopy(QUICK if quick else FULL)
-    unknown = set(overrides) - set(settings)
-    if unknown:
-        raise ValueError(f"Unknown settings {sorted(unknown)}; known: {sorted(settings)}.")
-    settings.update(overrides)
+    settings = benchmark_settings(FULL, QUICK, quick, overrides)
     threads = configure_threads()
     torch.manual_seed(settings["seed"])
 

@@ -30,6 +30,7 @@ Results land in ``benchmarks/results/NAME.json`` (``results/quick/`` for ``quick
 overwrite the real numbers), and ``benchmarks/RESULTS.md`` is regenerated from every JSON file in ``results/``.
 """
 
+import copy
 import ctypes
 import datetime
 import gc
@@ -302,13 +303,23 @@ def compare(
     return record
 
 
-def _fix_mmap_threshold() -> None:
+def fix_mmap_threshold() -> None:
     """Make glibc serve every allocation over 128 KiB with mmap and return it to the OS when freed."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD; setting it turns the self-adjustment off
     except (OSError, AttributeError):
         pass
+
+
+def benchmark_settings(full: dict, quick_settings: dict, quick: bool, overrides: dict) -> dict:
+    """A deep copy of the full or quick settings with ``overrides`` applied; unknown override keys are an error."""
+    settings = copy.deepcopy(quick_settings if quick else full)
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise ValueError(f"Unknown settings {sorted(unknown)}; known: {sorted(settings)}.")
+    settings.update(overrides)
+    return settings
 
 
 def compare_peak_memory(
@@ -321,7 +332,7 @@ def compare_peak_memory(
     """
     if repeats < 1:
         raise ValueError(f"compare_peak_memory needs repeats >= 1, got {repeats}.")
-    _fix_mmap_threshold()
+    fix_mmap_threshold()
     sides = {"candidate": candidate, "peer": peer}
     peaks = {"candidate": [], "peer": []}
     for _ in tqdm(range(repeats), desc=f"peak memory {description}".strip(), leave=False):

@@ -88,7 +88,7 @@ def test_peak_memory_growth_sees_torch_cpu_tensors():
 
 def test_compare_peak_memory_takes_medians_and_orients_the_ratio(monkeypatch):
     # The real call fixes glibc's mmap threshold for the whole process; keep the test process as it is.
-    monkeypatch.setattr(benchmarking, "_fix_mmap_threshold", lambda: None)
+    monkeypatch.setattr(benchmarking, "fix_mmap_threshold", lambda: None)
     peaks = iter([100, 300, 90, 310, 500, 290])  # candidate, peer, candidate, peer, ...
     monkeypatch.setattr(benchmarking, "peak_memory_growth", lambda fn: next(peaks))
     record = benchmarking.compare_peak_memory(lambda: None, lambda: None, repeats=3)

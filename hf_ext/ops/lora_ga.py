@@ -15,6 +15,16 @@ LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 LORA_GA_SCALES = ("stable", "gd", "unit")
 
 
+def check_lora_ga_options(direction: str, scale: str, stable_gamma: float) -> None:
+    """ValueError naming the option when direction, scale or stable_gamma is not allowed."""
+    if direction not in LORA_GA_DIRECTIONS:
+        raise ValueError(f"direction must be one of {LORA_GA_DIRECTIONS}, got {direction!r}")
+    if scale not in LORA_GA_SCALES:
+        raise ValueError(f"scale must be one of {LORA_GA_SCALES}, got {scale!r}")
+    if not stable_gamma > 0:
+        raise ValueError(f"stable_gamma must be > 0, got {stable_gamma!r}")
+
+
 def lora_ga_factors(
     left_vectors: torch.Tensor,
     right_vectors: torch.Tensor,
@@ -32,12 +42,7 @@ def lora_ga_factors(
     (both factors × m^¼/√stable_gamma), ``"gd"`` (both ÷ scaling, so the first step mimics gradient descent) or
     ``"unit"`` (orthonormal as they are). ``scaling`` is the adapter's s (α/r, or α/√r with rsLoRA).
     """
-    if direction not in LORA_GA_DIRECTIONS:
-        raise ValueError(f"direction must be one of {LORA_GA_DIRECTIONS}, got {direction!r}")
-    if scale not in LORA_GA_SCALES:
-        raise ValueError(f"scale must be one of {LORA_GA_SCALES}, got {scale!r}")
-    if not stable_gamma > 0:
-        raise ValueError(f"stable_gamma must be > 0, got {stable_gamma!r}")
+    check_lora_ga_options(direction, scale, stable_gamma)
     available = min(left_vectors.shape[1], right_vectors.shape[1])
     if not 1 <= rank or 2 * rank > available:
         raise ValueError(f"rank must be in [1, {available // 2}] (2·rank singular vectors are needed), got {rank}")

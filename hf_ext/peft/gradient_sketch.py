@@ -57,7 +57,7 @@ class _LayerRangeFinder:
             raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
                                "inputs to the loss (check target_modules and the loss function)")
         product = self.product / num_batches
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _is_distributed():
             torch.distributed.all_reduce(product, op=torch.distributed.ReduceOp.SUM)
             product /= torch.distributed.get_world_size()
         self.product = None
@@ -77,9 +77,8 @@ class _LayerRangeFinder:
         return left, singular_values, right
 
 
-def _pass_schedule(power_iterations: int) -> list[str]:
-    """svd_lowrank's products in order: T·R, then (Tᵀ·Q, T·Q) per power iteration, then Tᵀ·Q for the final SVD."""
-    return ["tall"] + ["wide", "tall"] * power_iterations + ["wide"]
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 @contextmanager
@@ -134,19 +133,20 @@ def gradient_singular_vectors(
     for name, layer in layers.items():
         out_features, in_features = _layer_shape(layer)
         finders[name] = _LayerRangeFinder(out_features, in_features, q[name], seed)
-    schedule = _pass_schedule(power_iterations)
-    is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-    progress = tqdm(total=len(schedule) * len(batches), desc="LoRA-GA gradient passes",
+    # svd_lowrank's products: T·R, then (Tᵀ·Q, T·Q) per power iteration, then Tᵀ·Q for the final small SVD
+    num_passes = 2 + 2 * power_iterations
+    is_main = not _is_distributed() or torch.distributed.get_rank() == 0
+    progress = tqdm(total=num_passes * len(batches), desc="LoRA-GA gradient passes",
                     disable=not (show_progress and is_main))
     try:
         with torch.enable_grad(), _capture_products(layers, finders):
-            for pass_index in range(len(schedule)):
+            for pass_index in range(num_passes):
                 for batch in batches:
                     loss = loss_fn(model, batch)
                     loss.backward()
                     progress.update()
                 for finder in finders.values():
-                    finder.finish_pass(len(batches), final=pass_index == len(schedule) - 1)
+                    finder.finish_pass(len(batches), final=pass_index == num_passes - 1)
     finally:
         progress.close()
     return {name: finder.singular_vectors() for name, finder in finders.items()}

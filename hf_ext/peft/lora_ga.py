@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.lora_ga import LORA_GA_DIRECTIONS, LORA_GA_SCALES, lora_ga_factors
+from ..ops.lora_ga import check_lora_ga_options, lora_ga_factors
 from .gradient_sketch import default_loss, gradient_singular_vectors, take_batches
 
 
@@ -137,6 +137,11 @@ def _estimation_mode(model: nn.Module):
         model.train(was_training)
 
 
+def _trainable_rank(layer: LoraLayer, adapter_name: str) -> int:
+    """r of the user's config: the adapter holds 2r rows, half of them the frozen offset."""
+    return layer.r[adapter_name] // 2
+
+
 def _check_targets(lora_layers: dict, adapter_name: str) -> None:
     if not lora_layers:
         raise ValueError("target_modules matched no layer of the model")
@@ -144,7 +149,7 @@ def _check_targets(lora_layers: dict, adapter_name: str) -> None:
         if adapter_name not in layer.lora_A or not isinstance(layer.lora_A[adapter_name], nn.Linear):
             raise ValueError(f"LoRA-GA supports linear target layers only; {name} wraps "
                              f"{type(layer.get_base_layer()).__name__}: remove it from target_modules")
-        rank = layer.r[adapter_name] // 2
+        rank = _trainable_rank(layer, adapter_name)
         if 2 * rank > min(layer.in_features, layer.out_features):
             raise ValueError(f"r={rank} is too large for {name} ({layer.out_features}×{layer.in_features}): LoRA-GA "
                              f"needs 2·r <= min(out_features, in_features)")
@@ -193,10 +198,7 @@ def get_lora_ga_model(
         raise TypeError("get_lora_ga_model expects the base model, not a PeftModel: pass model.get_base_model() or "
                         "the model before get_peft_model")
     _check_config(lora_config)
-    if direction not in LORA_GA_DIRECTIONS:
-        raise ValueError(f"direction must be one of {LORA_GA_DIRECTIONS}, got {direction!r}")
-    if scale not in LORA_GA_SCALES:
-        raise ValueError(f"scale must be one of {LORA_GA_SCALES}, got {scale!r}")
+    check_lora_ga_options(direction, scale, stable_gamma)  # before the gradient passes, not after
     if not isinstance(num_gradient_batches, int) or num_gradient_batches < 1:
         raise ValueError(f"num_gradient_batches must be a positive int, got {num_gradient_batches!r}")
     if not isinstance(power_iterations, int) or power_iterations < 0:
@@ -209,7 +211,7 @@ def get_lora_ga_model(
     try:
         _check_targets(lora_layers, adapter_name)
         base_layers = {name: layer.get_base_layer() for name, layer in lora_layers.items()}
-        q = {name: min(4 * (layer.r[adapter_name] // 2), layer.in_features, layer.out_features)
+        q = {name: min(4 * _trainable_rank(layer, adapter_name), layer.in_features, layer.out_features)
              for name, layer in lora_layers.items()}
         with peft_model.disable_adapter(), _estimation_mode(peft_model):
             vectors = gradient_singular_vectors(peft_model, base_layers, batches, loss_fn or default_loss, q=q,
@@ -221,8 +223,9 @@ def get_lora_ga_model(
 
     for name, layer in lora_layers.items():
         left, _, right = vectors[name]
-        lora_a, lora_b = lora_ga_factors(left, right, layer.r[adapter_name] // 2, scaling=layer.scaling[adapter_name],
-                                         direction=direction, scale=scale, stable_gamma=stable_gamma)
+        lora_a, lora_b = lora_ga_factors(left, right, _trainable_rank(layer, adapter_name),
+                                         scaling=layer.scaling[adapter_name], direction=direction, scale=scale,
+                                         stable_gamma=stable_gamma)
         reference = layer.lora_A[adapter_name].weight
         lora_a, lora_b = (t.to(device=reference.device, dtype=reference.dtype) for t in (lora_a, lora_b))
         layer.lora_A[adapter_name] = PartlyFrozenLinear(lora_a, lora_a, dim=0, dropout=layer.lora_dropout[adapter_name])
