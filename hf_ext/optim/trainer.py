@@ -47,3 +47,39 @@ def adamw_to_lion(learning_rate: float, weight_decay: float, factor: float = 3.0
     if not isinstance(factor, (int, float)) or not 1.0 <= factor <= 30.0:
         raise ValueError(f"adamw_to_lion: factor must be in [1, 30] (the paper uses 3-10), got {factor!r}")
     return {"learning_rate": learning_rate / factor, "weight_decay": weight_decay * factor}
+
+
+def gradient_view_optimizer_cls_and_kwargs(
+    args,
+    *,
+    rank: int,
+    mode: str = "lora",
+    scaling: float = 1.0,
+    resample_every: int = 200,
+    base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    **base_kwargs,
+) -> tuple[type, dict]:
+    """The value for ``Trainer(optimizer_cls_and_kwargs=...)`` that trains with `GradientViewLoRA`::
+
+        Trainer(model, args, train_dataset=ds,
+                optimizer_cls_and_kwargs=gradient_view_optimizer_cls_and_kwargs(args, rank=8, mode="resample"))
+
+    The base optimizer gets ``args.learning_rate`` (scheduled by the Trainer) and, for the default AdamW,
+    ``args.adam_beta1/2`` and ``args.adam_epsilon``; weight decay comes from the Trainer's two parameter groups
+    (``args.weight_decay`` for matrices, 0 for biases and norms). ``base_kwargs`` add or override options.
+    """
+    from .gradient_view import GradientViewLoRA
+
+    learning_rate = getattr(args, "learning_rate", None)
+    if learning_rate is None:
+        raise TypeError(f"gradient_view_optimizer_cls_and_kwargs: args must be TrainingArguments, "
+                        f"got {type(args).__name__}")
+    kwargs = dict(rank=rank, mode=mode, scaling=scaling, resample_every=resample_every,
+                  base_optimizer=base_optimizer, lr=learning_rate)
+    if base_optimizer is torch.optim.AdamW:
+        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    kwargs.update(base_kwargs)
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    GradientViewLoRA([torch.zeros(1, 1, requires_grad=True)], **{**kwargs, "rank": 1})  # validate the rest now
+    return GradientViewLoRA, kwargs

@@ -1,0 +1,189 @@
+"""GradientViewLoRA: LoRA done in the optimizer — PEFT LoRA's trajectory, the resampled update's expectation,
+gradient accumulation, exact resume, Trainer."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from hf_ext.optim import GradientViewLoRA, gradient_view_optimizer_cls_and_kwargs
+from test_lora_ga import tiny_llama, token_batches
+from test_lora_ga_integration import _TokenDataset
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _target_weights(model):
+    return {name.removesuffix(".weight"): p for name, p in model.named_parameters()
+            if name.endswith(".weight") and name.split(".")[-2] in TARGETS}
+
+
+@pytest.mark.parametrize("base, options", [(torch.optim.SGD, dict(lr=0.5)),
+                                           (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))])
+def test_lora_mode_follows_peft_lora(base, options):
+    r, alpha = 4, 8
+    model, batches = tiny_llama(torch.float64), token_batches()
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS,
+                                                                 init_lora_weights="gaussian"))
+    peft_optimizer = base([p for p in peft_model.parameters() if p.requires_grad], **options)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = _target_weights(model)
+    for w in weights.values():
+        w.requires_grad_(True)
+    optimizer = GradientViewLoRA(list(weights.values()), rank=r, scaling=alpha / r, base_optimizer=base, **options)
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+                   if hasattr(m, "lora_A") and "default" in m.lora_A}
+    for name, w in weights.items():  # the same initialisation: PEFT's A and B (B gaussian-initialised is 0)
+        optimizer.state[w]["lora_A"].copy_(peft_layers[name].lora_A["default"].weight.detach())
+        optimizer.state[w]["lora_B"].copy_(peft_layers[name].lora_B["default"].weight.detach())
+        assert optimizer.state[w]["lora_B"].abs().max() == 0
+
+    for batch in batches * 2:
+        peft_loss = peft_model(**batch).loss
+        peft_loss.backward()
+        peft_optimizer.step()
+        peft_optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert abs(loss.item() - peft_loss.item()) < 1e-10
+    moved = 0.0
+    for name, w in weights.items():
+        layer = peft_layers[name]
+        effective = layer.base_layer.weight + layer.scaling["default"] * (
+            layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+        torch.testing.assert_close(w.detach(), effective.detach(), rtol=0, atol=1e-10)
+        moved = max(moved, (w.detach() - layer.base_layer.weight).abs().max().item())
+    assert moved > 1e-3
+
+
+def test_fixed_a_trains_only_b():
+    w = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+    optimizer = GradientViewLoRA([w], rank=2, mode="fixed_a", base_optimizer=torch.optim.SGD, lr=0.1)
+    a_before = optimizer.state[w]["lora_A"].clone()
+    for _ in range(3):
+        (w.sum(1) ** 2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(optimizer.state[w]["lora_A"], a_before)
+    assert optimizer.state[w]["lora_B"].abs().max() > 0
+    assert len(optimizer.base.param_groups[0]["params"]) == 1  # B only: no state for A
+
+
+def test_resample_step_is_the_full_gradient_in_expectation():
+    # One SGD step from zero factors moves W by -η s² (G vᵀv + u uᵀG); E[...] = -2 η s² G (algorithms.md §7a)
+    torch.manual_seed(0)
+    m, n, r, lr, samples = 7, 5, 2, 0.1, 3000
+    grad = torch.randn(m, n, dtype=torch.float64)
+    total = torch.zeros(m, n, dtype=torch.float64)
+    ranks = []
+    for seed in range(samples):
+        w = torch.nn.Parameter(torch.zeros(m, n, dtype=torch.float64))
+        optimizer = GradientViewLoRA([w], rank=r, mode="resample", base_optimizer=torch.optim.SGD, lr=lr, seed=seed)
+        w.grad = grad.clone()
+        optimizer.step()
+        total += w.detach()
+        if seed < 5:
+            ranks.append(torch.linalg.matrix_rank(w.detach()).item())
+    mean_update = total / samples
+    expected = -2 * lr * grad
+    relative = ((mean_update - expected).norm() / expected.norm()).item()
+    assert relative < 0.1, relative  # ~ 1/√samples noise
+    assert max(ranks) <= 2 * r  # each step is low-rank
+
+
+def test_resample_accumulates_a_high_rank_update_with_low_rank_state():
+    torch.manual_seed(0)
+    target = torch.randn(12, 10, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.zeros(12, 10, dtype=torch.float64))
+    # lr small enough for ‖u‖² + ‖v‖² ≈ m/r + n/r, the curvature a rank-1 period sees
+    optimizer = GradientViewLoRA([w], rank=1, mode="resample", resample_every=5, base_optimizer=torch.optim.SGD,
+                                 lr=0.02)
+    for _ in range(600):
+        ((w - target) ** 2).sum().mul(0.5).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.linalg.matrix_rank(w.detach()).item() == 10
+    assert (w.detach() - target).norm() / target.norm() < 0.05
+    state_sizes = {k: v.numel() for k, v in optimizer.state[w].items() if torch.is_tensor(v)}
+    assert state_sizes["lora_B"] == 12 and state_sizes["lora_A"] == 10
+
+
+@pytest.mark.parametrize("mode", ["lora", "resample"])
+def test_gradient_accumulation_is_exact(mode):
+    model = torch.nn.Linear(8, 6, bias=False).double()
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    results = []
+    for micro_batches in (1, 2, 4):
+        m = copy.deepcopy(model)
+        optimizer = GradientViewLoRA(m.parameters(), rank=2, mode=mode, lr=1e-2, resample_every=2)
+        for _ in range(3):
+            for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+                (((m(xb) - yb) ** 2).sum() / 4).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append(m.weight.detach().clone())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[2], results[0], rtol=0, atol=1e-12)
+
+
+def test_state_dict_resume_is_bit_identical_across_a_resampling():
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        return model, GradientViewLoRA(model.parameters(), rank=2, mode="resample", resample_every=3, lr=1e-2)
+
+    def train(model, optimizer, steps):
+        for step in steps:
+            x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step))
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    full, full_optimizer = fresh()
+    train(full, full_optimizer, range(5))  # resamples after step 3
+
+    first, first_optimizer = fresh()
+    train(first, first_optimizer, range(2))
+    saved_weights, saved_state = copy.deepcopy(first.state_dict()), copy.deepcopy(first_optimizer.state_dict())
+    resumed, resumed_optimizer = fresh()
+    resumed.load_state_dict(saved_weights)
+    resumed_optimizer.load_state_dict(saved_state)
+    train(resumed, resumed_optimizer, range(2, 5))
+    for expected, actual in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(expected, actual)
+
+
+def test_trainer_factory_trains_and_respects_weight_decay_groups(tmp_path):
+    model = tiny_llama()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, learning_rate=5e-3,
+                             weight_decay=0.1, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_TokenDataset(16),
+                      optimizer_cls_and_kwargs=gradient_view_optimizer_cls_and_kwargs(args, rank=2, mode="resample",
+                                                                                       resample_every=3))
+    before = trainer.evaluate(_TokenDataset(16))["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate(_TokenDataset(16))["eval_loss"] < before
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(optimizer, GradientViewLoRA)
+    assert sorted(g["weight_decay"] for g in optimizer.base.param_groups) == [0.0, 0.1]
+
+
+def test_bad_arguments_are_refused():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        GradientViewLoRA([w], rank=2, mode="galore")
+    with pytest.raises(ValueError, match="rank=5 is larger"):
+        GradientViewLoRA([w], rank=5)
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        GradientViewLoRA([w], rank=0)
+    with pytest.raises(ValueError, match="resample_every"):
+        GradientViewLoRA([w], rank=1, resample_every=0)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        GradientViewLoRA([w], rank=1, base_optimizer="adamw")
