@@ -23,6 +23,7 @@ def register() -> None:
     if _registered:
         return
     _register_model_family()
+    _register_peft_methods()
     for name, (attention_fn, mask_fn) in ATTENTION_IMPLEMENTATIONS.items():
         # Both maps are needed: an attention function without a mask entry receives attention_mask=None.
         AttentionInterface.register(name, attention_fn)
@@ -44,10 +45,23 @@ def _register_model_family() -> None:
     HfExtForCausalLM.hub_publisher = push_with_model_card  # the card template describes a causal LM
 
 
+def _register_peft_methods() -> None:
+    # peft.utils.register_peft_method refuses names outside its closed PeftType enum; the four public mappings
+    # keyed by the string peft_type are what get_peft_model / PeftModel.from_pretrained look up.
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    from .peft.gradient_view import PEFT_TYPE, GradientViewLoraConfig, GradientViewLoraModel
+
+    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = GradientViewLoraConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = GradientViewLoraModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = GradientViewLoraModel.prefix
+
+
 def registered_summary() -> dict[str, list[str]]:
     """What `register()` added, for `hf-ext info`."""
     return {
         "model_types": [HfExtConfig.model_type],
         "auto_classes": ["AutoConfig", "AutoModel", "AutoModelForCausalLM"],
         "attention_implementations": sorted(ATTENTION_IMPLEMENTATIONS),
+        "peft_types": ["HFX_GRADIENT_VIEW_LORA"],
     }

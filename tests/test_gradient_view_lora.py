@@ -187,3 +187,83 @@ def test_bad_arguments_are_refused():
         GradientViewLoRA([w], rank=1, resample_every=0)
     with pytest.raises(TypeError, match="base_optimizer"):
         GradientViewLoRA([w], rank=1, base_optimizer="adamw")
+
+
+# -- as a PEFT method ----------------------------------------------------------------------------------------------
+
+def _train_peft(peft_model, steps_batches, **optimizer_options):
+    from hf_ext.peft import gradient_view_optimizer
+
+    optimizer = gradient_view_optimizer(peft_model, **optimizer_options)
+    for batch in steps_batches:
+        peft_model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+@pytest.mark.parametrize("mode", ["lora", "fixed_a", "resample"])
+def test_peft_method_round_trips_and_each_mode_keeps_its_rank(tmp_path, mode):
+    from peft import PeftConfig, PeftModel
+
+    from hf_ext.peft import GradientViewLoraConfig
+
+    config = GradientViewLoraConfig(r=2, lora_alpha=4, mode=mode, resample_every=2, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(tiny_llama(), config)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("hfxgv_delta.default" in n for n in trainable)
+    batches = token_batches()
+    _train_peft(peft_model, batches * 2, lr=1e-2)
+    deltas = {n: p.detach() for n, p in peft_model.named_parameters() if "hfxgv_delta" in n}
+    ranks = [torch.linalg.matrix_rank(d).item() for d in deltas.values()]
+    if mode == "resample":
+        assert max(ranks) > 2  # 4 resampling periods of rank 2·r each
+    else:
+        assert max(ranks) <= 2 and min(ranks) >= 1
+
+    peft_model.eval()
+    ids = batches[0]["input_ids"]
+    trained = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).peft_type == "HFX_GRADIENT_VIEW_LORA"
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert isinstance(reloaded.peft_config["default"], GradientViewLoraConfig)
+    torch.testing.assert_close(reloaded(ids).logits, trained, rtol=0, atol=0)
+    merged = reloaded.merge_and_unload()
+    torch.testing.assert_close(merged(ids).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_peft_method_in_lora_mode_equals_the_optimizer_on_raw_weights():
+    from hf_ext.peft import GradientViewLoraConfig
+
+    batches = token_batches()
+    config = GradientViewLoraConfig(r=2, lora_alpha=4, mode="lora", target_modules=["q_proj"])
+    peft_model = get_peft_model(tiny_llama(torch.float64), config)
+    _train_peft(peft_model, batches, lr=1e-2, seed=3)
+
+    model = tiny_llama(torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = [layer.self_attn.q_proj.weight for layer in model.model.layers]
+    for w in weights:
+        w.requires_grad_(True)
+    optimizer = GradientViewLoRA(weights, rank=2, scaling=2.0, lr=1e-2, seed=3)
+    for batch in batches:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for layer, trained in zip(peft_model.base_model.model.model.layers, model.model.layers):
+        q_proj = layer.self_attn.q_proj
+        torch.testing.assert_close(q_proj.base_layer.weight + q_proj.hfxgv_delta["default"],
+                                   trained.self_attn.q_proj.weight, rtol=0, atol=1e-12)
+
+
+def test_peft_config_refuses_bad_fields():
+    from hf_ext.peft import GradientViewLoraConfig
+
+    with pytest.raises(ValueError, match="mode must be one of"):
+        GradientViewLoraConfig(mode="galore", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="target_modules is required"):
+        GradientViewLoraConfig(r=2)
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        GradientViewLoraConfig(r=0, target_modules=["q_proj"])

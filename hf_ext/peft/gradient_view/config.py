@@ -1,0 +1,48 @@
+"""Config of the gradient-view LoRA PEFT method (peft_type ``HFX_GRADIENT_VIEW_LORA``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ...optim.gradient_view import GRADIENT_VIEW_MODES
+
+PEFT_TYPE = "HFX_GRADIENT_VIEW_LORA"
+
+
+@dataclass
+class GradientViewLoraConfig(PeftConfig):
+    """Low-rank training done in the optimizer: target layers get a trainable dense update ΔW (zero at first) that
+    only `hf_ext.peft.gradient_view_optimizer` may change, through rank-``r`` factors (`GradientViewLoRA`).
+
+    The saved adapter is ΔW itself (dense: in mode ``"resample"`` the accumulated update is high-rank).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of the factors the optimizer trains."})
+    lora_alpha: float = field(default=8, metadata={"help": "Scaling s = lora_alpha / r of the low-rank term."})
+    mode: str = field(default="lora", metadata={"help": f"One of {GRADIENT_VIEW_MODES}."})
+    resample_every: int = field(default=200, metadata={"help": "Steps between fresh projections (mode 'resample')."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names (or a regex) of the Linear modules to adapt."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained and saved whole."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.mode not in GRADIENT_VIEW_MODES:
+            raise ValueError(f"mode must be one of {GRADIENT_VIEW_MODES}, got {self.mode!r}")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if not isinstance(self.resample_every, int) or self.resample_every < 1:
+            raise ValueError(f"resample_every must be a positive int, got {self.resample_every!r}")
+        if self.target_modules is None:
+            raise ValueError("target_modules is required (e.g. ['q_proj', 'v_proj'] or 'all-linear')")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r

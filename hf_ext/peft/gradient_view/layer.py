@@ -1,0 +1,67 @@
+"""The gradient-view LoRA layer: a Linear plus a dense trainable update ΔW (zero-initialised)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.nn import functional as F
+
+
+class GradientViewLinear(nn.Module, BaseTunerLayer):
+    """y = base(x) + x ΔWᵀ. ΔW is trained by `GradientViewLoRA` through low-rank factors, so every change it
+    receives is low-rank per step; its gradient is the full ∂L/∂W the optimizer projects."""
+
+    adapter_layer_names = ("hfxgv_delta",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"gradient-view LoRA adapts torch.nn.Linear layers only, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.hfxgv_delta = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name)
+
+    def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs) -> None:
+        weight = self.get_base_layer().weight
+        self.hfxgv_delta[adapter_name] = nn.Parameter(torch.zeros_like(weight))
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return self.hfxgv_delta[adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name in self.hfxgv_delta:
+                merged = self.get_base_layer().weight.data + self.get_delta_weight(name).detach()
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights of adapter {name}")
+                self.get_base_layer().weight.data = merged
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.get_base_layer().weight.data -= self.get_delta_weight(name).detach()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.hfxgv_delta:
+                result = result + F.linear(x.to(self.hfxgv_delta[name].dtype), self.hfxgv_delta[name]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "hfx_gradient_view." + super().__repr__()
