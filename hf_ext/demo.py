@@ -37,6 +37,10 @@ class DemoSettings:
     max_characters: int = 3_000_000  # of the default corpus, enough for a few minutes of training
     eval_blocks: int = 64
     long_context_factor: int = 8  # the extrapolation step evaluates at this many times the training length
+    lora_rank: int = 8
+    lora_steps: int = 40  # fine-tuning steps of the LoRA and LoRA-GA step, each
+    lora_learning_rate: float = 2e-3
+    lora_gradient_batches: int = 4
     prompt: str = DEFAULT_PROMPT
     new_tokens: int = 40
     seed: int = 0
@@ -231,6 +235,51 @@ def generate(run: DemoRun) -> None:
                                 "decode_tokens_per_second": new / seconds}
 
 
+def lora_ga_finetune(run: DemoRun) -> None:
+    """Continue training the saved model with a rank-r adapter: LoRA vs LoRA-GA, same batches and learning rate.
+
+    `get_lora_ga_model` estimates the gradient on a few batches and starts the adapter along its top singular
+    directions; the adapter then saves as plain LoRA and is checked on a fresh copy of the untouched base model.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .peft import get_lora_ga_model
+
+    settings = run.settings
+    folder = settings.output_dir / "model"
+    blocks = run.artifacts["train_blocks"].with_format("torch")
+    batches = [{"input_ids": blocks[i:i + settings.batch_size]["input_ids"],
+                "labels": blocks[i:i + settings.batch_size]["labels"]}
+               for i in range(0, min(settings.lora_steps * settings.batch_size, len(blocks)), settings.batch_size)]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=targets)
+    results = {}
+    for method in ("lora", "lora_ga"):
+        base = AutoModelForCausalLM.from_pretrained(folder)
+        if method == "lora":
+            model = get_peft_model(base, config)
+        else:
+            model = get_lora_ga_model(base, config, batches, num_gradient_batches=settings.lora_gradient_batches)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=settings.lora_learning_rate, weight_decay=0.0)
+        model.train()
+        for batch in tqdm(batches, desc=f"Fine-tuning ({method})", leave=False):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[f"{method}_eval_loss"] = _mean_loss(model, run.artifacts["eval_blocks"], settings.batch_size)
+    adapter = settings.output_dir / "lora_ga_adapter"
+    model.save_pretrained(adapter)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), adapter).eval()
+    probe = torch.tensor(run.artifacts["eval_blocks"][:2]["input_ids"])
+    with torch.no_grad():
+        difference = (reloaded(probe).logits - model.eval()(probe).logits).abs().max().item()
+    run.report["lora_ga"] = {"rank": settings.lora_rank, "steps": settings.lora_steps,
+                             "learning_rate": settings.lora_learning_rate, **results,
+                             "adapter": str(adapter.resolve()), "reload_max_abs_logit_difference": difference}
+
+
 def extrapolate(run: DemoRun) -> None:
     """Length extrapolation: loss on held-out text far beyond the training length, plain RoPE vs ReRoPE.
 
@@ -265,6 +314,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("train", train),
     DemoStep("save and reload", save_and_reload),
     DemoStep("generate", generate),
+    DemoStep("LoRA-GA fine-tuning", lora_ga_finetune),
     DemoStep("length extrapolation", extrapolate),
 ]
 
@@ -287,6 +337,13 @@ def format_report(report: dict) -> str:
         f"  checkpoint   : {checkpoint['path']} (reload max |Δlogit| {checkpoint['reload_max_abs_logit_difference']:.1e})",
         f"  continuation : {generation['prompt']!r} -> {generation['continuation']!r}",
     ]
+    if "lora_ga" in report:
+        lora = report["lora_ga"]
+        lines.append(
+            f"  LoRA-GA      : rank {lora['rank']}, {lora['steps']} steps at lr {lora['learning_rate']:g}: eval loss "
+            f"LoRA {lora['lora_eval_loss']:.3f}, LoRA-GA {lora['lora_ga_eval_loss']:.3f}; adapter reloads on the "
+            f"untouched base (max |Δlogit| {lora['reload_max_abs_logit_difference']:.1e})"
+        )
     if "extrapolation" in report:
         ex = report["extrapolation"]
         short, long = ex["lengths"]

@@ -45,6 +45,10 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     assert len(report["generation"]["continuation"]) > 0
     assert {"rope_loss_at_1024", "rerope_loss_at_1024", "rope_loss_at_128"} <= set(report["extrapolation"])
     assert "extrapolation: loss on the same 128 tokens with 1024 tokens of context" in printed
+    lora = report["lora_ga"]
+    assert lora["lora_ga_eval_loss"] < report["training"]["eval_loss_after"]  # the fine-tuning step trained
+    assert lora["reload_max_abs_logit_difference"] < 1e-4  # plain LoRA adapter on the untouched base
+    assert "LoRA-GA      : rank 8" in printed
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert reloaded.config.model_type == "hf_ext"
 
