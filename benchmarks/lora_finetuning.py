@@ -90,8 +90,6 @@ measurement; written to ``benchmarks/results/quick/``). ``HF_EXT_BENCH_THREADS=N
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import math
 import random
 import re
@@ -104,13 +102,16 @@ import torch
 
 from hf_ext.assets import python_doc_files
 from hf_ext.benchmarking import (
+    CLEAR_REFS,
     benchmark_settings,
     configure_threads,
     fix_mmap_threshold,
     make_result,
     memory_ratio,
     peak_memory_growth,
+    release_free_memory,
     save_result,
+    status_kib,
 )
 
 NAME = "lora_finetuning"
@@ -201,22 +202,11 @@ class HfTokenizer:
 
 
 def load_smollm2():
-    """SmolLM2-135M in plain fp32 (dequantised from the GGUF, rebuilt without quantization_config) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M in plain fp32, its tokenizer and the GGUF file name."""
+    from hf_ext.assets import load_smollm2 as load, smollm2_gguf_path
 
-    from hf_ext.assets import smollm2_gguf_path
-
-    path = smollm2_gguf_path()
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    del loaded
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return model.eval(), HfTokenizer(tokenizer), path.name
+    model, tokenizer = load()
+    return model, HfTokenizer(tokenizer), smollm2_gguf_path().name
 
 
 def tiny_llama(seed: int = 0):
@@ -548,22 +538,6 @@ def trained_parameter_count(method: str, peft_model, optimizer) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Peak memory over the training steps (evaluations excluded)
 
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
-
-
-def _status_kib(key: str) -> int:
-    return int(re.search(rf"^{key}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE).group(1))
-
-
-def _release_free_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class TrainingPeak:
     """Peak RSS growth above the RSS at `start`, over the stretches outside `pause`…`resume` (the evaluations).
 
@@ -573,8 +547,8 @@ class TrainingPeak:
 
     def __init__(self):
         try:
-            _CLEAR_REFS.write_text("5")
-            _status_kib("VmHWM")
+            CLEAR_REFS.write_text("5")
+            status_kib("VmHWM")
             self.supported = True
         except (OSError, AttributeError):
             self.supported = False
@@ -582,17 +556,17 @@ class TrainingPeak:
 
     def start(self) -> None:
         if self.supported:
-            _release_free_memory()
-            self.baseline = self.peak = _status_kib("VmRSS")
-            _CLEAR_REFS.write_text("5")
+            release_free_memory()
+            self.baseline = self.peak = status_kib("VmRSS")
+            CLEAR_REFS.write_text("5")
 
     def pause(self) -> None:
         if self.supported:
-            self.peak = max(self.peak, _status_kib("VmHWM"))
+            self.peak = max(self.peak, status_kib("VmHWM"))
 
     def resume(self) -> None:
         if self.supported:
-            _CLEAR_REFS.write_text("5")  # VmHWM := the current RSS
+            CLEAR_REFS.write_text("5")  # VmHWM := the current RSS
 
     def stop(self) -> int | None:
         if not self.supported:
@@ -676,7 +650,7 @@ def run_method(method: str, reference, task: Task, settings: dict, initial_eval_
     train_peak = peak.stop()
     optimizer_class = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     del optimizer, peft_model
-    _release_free_memory()
+    release_free_memory()
     steps = len(train_losses)
     return {
         "method": method,

@@ -75,9 +75,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraGAConfig, LoraLayer, preprocess_loraga
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_ext.assets import python_doc_files, smollm2_gguf_path
+from hf_ext.assets import load_smollm2, python_doc_files, smollm2_gguf_path
 from hf_ext.benchmarking import (
     benchmark_settings,
     configure_threads,
@@ -121,23 +121,6 @@ QUICK = {**FULL, "model": "tiny-llama", "batches": 2, "sequence_length": 32, "me
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models and data
-
-
-def load_smollm2():
-    """SmolLM2-135M in plain fp32 (dequantised from the GGUF, rebuilt without quantization_config) and its tokenizer."""
-    path = smollm2_gguf_path()
-    # Without the `kernels` package transformers dequantises every weight into a plain nn.Linear; main() checks that
-    # "all-linear" finds nn.Linear layers (it would not find packed GgufLinear ones).
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    del loaded
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return model.eval(), tokenizer
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

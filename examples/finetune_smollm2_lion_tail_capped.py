@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 import hf_ext
-from hf_ext.assets import python_doc_files, smollm2_gguf_path
+from hf_ext.assets import load_gguf_as_float, python_doc_files, smollm2_gguf_path
 from hf_ext.losses import TailCappedLoss, disable_fused_loss, enable_fused_loss
 from hf_ext.optim import adamw_to_lion, lion_optimizer_cls_and_kwargs
 
@@ -33,13 +33,7 @@ def load_model(folder: str, gguf_file: str | None):
     Trainer refuses to fine-tune, so its weights are moved into a model built from the same config."""
     if not gguf_file:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    return model
+    return load_gguf_as_float(folder, gguf_file)
 
 
 def eval_loss(model, dataset) -> float:

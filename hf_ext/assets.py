@@ -33,3 +33,31 @@ def python_doc_files(limit: int | None = None) -> list[Path]:
         )
     files = sorted(PYTHON_DOC_SOURCES.rglob("*.rst.txt"))
     return files[:limit] if limit else files
+
+
+def load_gguf_as_float(folder, gguf_file: str):
+    """A GGUF checkpoint as a plain fp32 transformers model.
+
+    transformers dequantises GGUF weights on load but leaves the model flagged as quantized (Trainer then refuses to
+    fine-tune it), so the weights move into a model built from the same config without ``quantization_config``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    return model
+
+
+def load_smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct in plain fp32, the model in eval mode."""
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    model = load_gguf_as_float(path.parent, path.name)
+    return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -116,15 +116,17 @@ def _machine_summary(machine: dict) -> str:
 # Peak memory
 # ----------------------------------------------------------------------------------------------------------------
 
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux), e.g. VmRSS or VmHWM."""
     return int(re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE).group(1))
 
 
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so the next RSS baseline is honest."""
     gc.collect()
     try:  # glibc keeps freed heap pages; returning them makes the next baseline honest
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -134,8 +136,8 @@ def _release_free_memory() -> None:
 
 def _can_reset_high_water_mark() -> bool:
     try:
-        _CLEAR_REFS.write_text("5")
-        _status_kib("VmHWM")
+        CLEAR_REFS.write_text("5")
+        status_kib("VmHWM")
         return True
     except (OSError, AttributeError):
         return False
@@ -143,12 +145,12 @@ def _can_reset_high_water_mark() -> bool:
 
 def peak_memory_growth(fn: Callable[[], object]) -> int:
     """Bytes by which the process's RSS peaked above its level just before ``fn()`` (see the module docstring)."""
-    _release_free_memory()
+    release_free_memory()
     if _can_reset_high_water_mark():
-        _CLEAR_REFS.write_text("5")  # VmHWM := current RSS
-        baseline = _status_kib("VmRSS")
+        CLEAR_REFS.write_text("5")  # VmHWM := current RSS
+        baseline = status_kib("VmRSS")
         fn()
-        return max(0, _status_kib("VmHWM") - baseline) * 1024
+        return max(0, status_kib("VmHWM") - baseline) * 1024
 
     import psutil
 
