@@ -86,7 +86,6 @@ def quick(bench, tmp_path_factory):
         python_doc_files(1)
     except FileNotFoundError as error:
         pytest.skip(str(error))
-    pytest.importorskip("matplotlib")
     directory = tmp_path_factory.mktemp("benchmarks")
     threads = torch.get_num_threads()
     try:
