@@ -10,11 +10,11 @@ check_versions()
 
 from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel, HfExtPreTrainedModel  # noqa: E402
 from .registry import register  # noqa: E402
-from . import convert, hub, losses, ops, optim  # noqa: E402
+from . import convert, hub, losses, ops, optim, schedulers  # noqa: E402
 from .attention import rerope_config  # noqa: E402
 
 __version__ = "0.1.0"
 
 register()
 
-__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "rerope_config", "convert", "hub", "losses", "ops", "optim", "__version__"]
+__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "rerope_config", "convert", "hub", "losses", "ops", "optim", "schedulers", "__version__"]

@@ -42,6 +42,7 @@ def _info(args) -> int:
     print(f"model types registered : {', '.join(summary['model_types'])} "
           f"(with {', '.join(summary['auto_classes'])})")
     print(f"hf_ext attention       : {', '.join(summary['attention_implementations']) or '(none yet)'}")
+    print(f"diffusers schedulers   : {', '.join(summary['diffusers_schedulers'])}")
     print(f"all attention backends : {', '.join(info['attention_implementations'])}")
     print(f"presets (hub_configs/) : {', '.join(info['presets'])}")
     return 0

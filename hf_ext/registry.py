@@ -64,4 +64,6 @@ def registered_summary() -> dict[str, list[str]]:
         "auto_classes": ["AutoConfig", "AutoModel", "AutoModelForCausalLM"],
         "attention_implementations": sorted(ATTENTION_IMPLEMENTATIONS),
         "peft_types": ["HFX_GRADIENT_VIEW_LORA"],
+        # diffusers needs no registry: a saved pipeline names the module, which `import hf_ext` has imported.
+        "diffusers_schedulers": ["hf_ext.schedulers.ReFlowScheduler", "hf_ext.schedulers.UDMScheduler"],
     }
