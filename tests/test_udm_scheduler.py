@@ -219,3 +219,51 @@ def test_pipeline_saved_with_udm_reloads_through_diffusion_pipeline(tmp_path):
     """)
     assert output.split()[-2:] == ["UDMScheduler", "1.0"]
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected, atol=1e-6)
+
+
+def _gaussian_epsilon_model(scheduler, mean, std):
+    """Exact E[ε | x_t] when the data are N(mean, std²): b/(a²std² + b²)·(x − a·mean)."""
+
+    def epsilon(x, t):
+        alpha_prod, beta_prod = scheduler.noise_levels(torch.as_tensor(t))
+        a, b = alpha_prod.double() ** 0.5, beta_prod.double() ** 0.5
+        return b / (a * a * std**2 + b * b) * (x - a * mean)
+
+    return epsilon
+
+
+def test_probability_flow_ode_heun_is_second_order_and_ddim_first_order():
+    """On Gaussian data the ODE maps the standardised noise z to mean + std·z exactly."""
+    mean, std = 1.5, 0.2
+    z = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    errors = {}
+    for solver in ("euler", "heun"):
+        for n in (10, 20, 40):
+            scheduler = UDMScheduler(solver=solver, clip_sample=False, time_type="continuous")
+            scheduler.set_timesteps(timesteps=list(np.linspace(999, 0, n)))
+            epsilon = _gaussian_epsilon_model(scheduler, mean, std)
+            alpha_prod, beta_prod = scheduler.noise_levels(torch.tensor(999.0))
+            a, b = alpha_prod.double() ** 0.5, beta_prod.double() ** 0.5
+            x = a * mean + (a * a * std**2 + b * b).sqrt() * z
+            calls = 0
+            for t in scheduler.timesteps:
+                x = scheduler.step(epsilon(x, t), t, x).prev_sample
+                calls += 1
+            assert calls == (n if solver == "euler" else 2 * n - 1)
+            errors[solver, n] = (x - (mean + std * z)).abs().max().item()
+    euler_rate = np.log2(errors["euler", 20] / errors["euler", 40])
+    heun_rate = np.log2(errors["heun", 20] / errors["heun", 40])
+    assert 0.7 < euler_rate < 1.3 and heun_rate > 1.7, errors
+    assert errors["heun", 20] < errors["euler", 40] / 1.5, errors  # 39 vs 40 model calls
+
+
+def test_heun_needs_eta_zero_and_the_steps_in_order():
+    with pytest.raises(ValueError, match="solver='heun' integrates the probability-flow ODE, so eta must be 0"):
+        UDMScheduler(solver="heun", eta=0.5)
+    scheduler = UDMScheduler(solver="heun")
+    scheduler.set_timesteps(4)
+    assert scheduler.order == 2 and scheduler.timesteps.tolist() == [750, 500, 500, 250, 250, 0, 0]
+    x = torch.zeros(1, 2)
+    scheduler.step(x, 750, x)
+    with pytest.raises(ValueError, match="Heun's corrector expected timestep 500, got 250"):
+        scheduler.step(x, 250, x)

@@ -14,8 +14,10 @@ Settings that reproduce diffusers' schedulers (same generator ⇒ same samples; 
   ``eta`` (step's ``eta`` overrides the config, as in DDIM). DDIM estimates noise from the *unclipped* model output
   by default; UDM's "predict then correct" uses the clipped x̂0, which is what DDPM does. With ``clip_sample=False``
   the two coincide.
-* Probability-flow ODE: η = 0 on a fine or continuous-time grid (``time_type="continuous"``: real timesteps, ᾱ
-  interpolated in log space between the trained integer timesteps).
+* Probability-flow ODE: η = 0. The step is then Euler's method for the ODE written in y = x/a and τ = b/a
+  (dy/dτ = ε̂), which is why DDIM is exact for straight paths; ``solver="heun"`` adds Heun's correction in the same
+  variables (second order, 2 model calls per step, the last step to clean data Euler). ``time_type="continuous"``
+  allows real timesteps (ᾱ interpolated in log space between the trained integer timesteps).
 
 Where it differs from DDIMScheduler on purpose: the step always goes to the next timestep *listed* by
 `set_timesteps`. DDIM steps to ``t − T//N`` whatever ``timestep_spacing`` says, so with "trailing" or "linspace"
@@ -38,6 +40,7 @@ from ._validation import check_choice, timestep_not_in_schedule_error
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
+SOLVERS = ("euler", "heun")
 TIME_TYPES = ("discrete", "continuous")
 
 
@@ -64,6 +67,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing, steps_offset: how `set_timesteps(N)` picks integer timesteps (as in DDPM/DDIM).
         set_alpha_to_one: the last step lands on clean data (a = 1) rather than on ᾱ_0.
         time_type: ``discrete`` (integer timesteps) or ``continuous`` (real timesteps; the default for rectified_flow).
+        solver: ``euler`` (the UDM step above) or ``heun`` (probability-flow ODE, second order; needs η = 0).
 
     Example:
         >>> import hf_ext
@@ -76,7 +80,6 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
     """
 
     _compatibles = ["DDPMScheduler", "DDIMScheduler"]
-    order = 1
 
     @register_to_config
     def __init__(
@@ -99,11 +102,15 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         set_alpha_to_one: bool = True,
         time_type: Literal["discrete", "continuous"] | None = None,
+        solver: Literal["euler", "heun"] = "euler",
     ):
         check_choice("beta_schedule", beta_schedule, udm.SCHEDULES)
         check_choice("prediction_type", prediction_type, udm.PREDICTION_TYPES)
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("solver", solver, SOLVERS)
+        if solver == "heun" and eta != 0:
+            raise ValueError(f"solver='heun' integrates the probability-flow ODE, so eta must be 0, got {eta}")
         if time_type is not None:
             check_choice("time_type", time_type, TIME_TYPES)
         if num_train_timesteps < 2:
@@ -124,7 +131,13 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
                                                         trained_betas)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = None
+        self.timesteps = None  # what a pipeline loops over (Heun: inner timesteps twice)
+        self._schedule = None  # the distinct timesteps, in order
+        self._heun_state = None  # (x_t, ε̂_t, a_t, b_t, s) between Heun's predictor and corrector calls
+
+    @property
+    def order(self) -> int:
+        return 2 if self.config.solver == "heun" else 1
 
     # ---- noise levels ---------------------------------------------------------------------------------------------
     def noise_levels(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +186,11 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             values = self._spaced_timesteps(num_inference_steps)
         self.num_inference_steps = len(values)
         dtype = torch.float32 if self.continuous else torch.int64
-        self.timesteps = torch.from_numpy(values).to(dtype=dtype, device=device)
+        self._schedule = torch.from_numpy(values).to(dtype=dtype, device=device)
+        self.timesteps = self._schedule
+        if self.config.solver == "heun":
+            self.timesteps = torch.cat([self._schedule[:1], self._schedule[1:].repeat_interleave(2)])
+        self._heun_state = None
 
     def _spaced_timesteps(self, n: int) -> np.ndarray:
         config = self.config
@@ -191,20 +208,20 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
     def previous_timestep(self, timestep) -> torch.Tensor:
         """The timestep a step from ``timestep`` lands on: the next one listed, or −1 (clean data) after the last."""
         index = self._index_for_timestep(timestep)
-        if index + 1 == len(self.timesteps):
-            return torch.tensor(-1, dtype=self.timesteps.dtype)
-        return self.timesteps[index + 1]
+        if index + 1 == len(self._schedule):
+            return torch.tensor(-1, dtype=self._schedule.dtype)
+        return self._schedule[index + 1]
 
     def _index_for_timestep(self, timestep) -> int:
         if self.timesteps is None:
             raise ValueError("UDMScheduler.step() called before set_timesteps(); call "
                              "scheduler.set_timesteps(num_inference_steps) first")
-        timestep = torch.as_tensor(timestep, device=self.timesteps.device)
+        timestep = torch.as_tensor(timestep, device=self._schedule.device)
         if timestep.numel() != 1:
             raise ValueError(f"step() takes a single timestep, got a tensor of shape {tuple(timestep.shape)}")
-        matches = (self.timesteps == timestep.to(self.timesteps.dtype)).nonzero()
+        matches = (self._schedule == timestep.to(self._schedule.dtype)).nonzero()
         if len(matches) == 0:
-            raise timestep_not_in_schedule_error(timestep, self.timesteps)
+            raise timestep_not_in_schedule_error(timestep, self._schedule)
         return matches[0].item()
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -230,9 +247,9 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         index = self._index_for_timestep(timestep)
-        is_last = index + 1 == len(self.timesteps)
-        alpha_prod_t, beta_prod_t = self.noise_levels(self.timesteps[index].cpu())
-        alpha_prod_s, beta_prod_s = self.noise_levels(torch.tensor(-1) if is_last else self.timesteps[index + 1].cpu())
+        is_last = index + 1 == len(self._schedule)
+        alpha_prod_t, beta_prod_t = self.noise_levels(self._schedule[index].cpu())
+        alpha_prod_s, beta_prod_s = self.noise_levels(torch.tensor(-1) if is_last else self._schedule[index + 1].cpu())
         a_t, b_t, a_s = alpha_prod_t**0.5, beta_prod_t**0.5, alpha_prod_s**0.5
 
         # 1. predict: x̂0 and ε̂ from the model output
@@ -241,6 +258,10 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             x0 = udm.threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
         elif config.clip_sample:
             x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+
+        if self.config.solver == "heun" and (self._heun_state is not None or not is_last):
+            return self._heun_step(index, sample, x0, noise_estimate, a_t, b_t, a_s, beta_prod_s**0.5,
+                                   model_output.dtype, return_dict)
 
         # 2. correct: move to s with kernel std σ, drawing noise of std σ_noise
         one_step_variance = udm.one_step_variance(alpha_prod_t, beta_prod_t, alpha_prod_s, beta_prod_s)
@@ -259,6 +280,28 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
                                               dtype=model_output.dtype)
             prev_sample = prev_sample + noise_std * variance_noise
         prev_sample = prev_sample.to(model_output.dtype)
+        if not return_dict:
+            return (prev_sample, x0)
+        return UDMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def _heun_step(self, index, sample, x0, noise_estimate, a_t, b_t, a_s, b_s, dtype, return_dict):
+        """Heun on dy/dτ = ε̂ with y = x/a, τ = b/a: the predictor is the Euler (DDIM) step to s; the corrector,
+        called at s with the model's output there, restarts from x_t with the mean of both ε̂."""
+        if self.config.use_clipped_model_output:
+            noise_estimate = (sample - a_t * x0) / b_t
+        if self._heun_state is None:  # predictor: remember where we started
+            self._heun_state = (sample, noise_estimate, a_t, b_t, self._schedule[index + 1])
+            prev_sample = a_s * (sample / a_t) + (b_s - a_s * b_t / a_t) * noise_estimate
+        else:
+            start, start_noise, a_start, b_start, expected = self._heun_state
+            if self._schedule[index] != expected:
+                raise ValueError(f"Heun's corrector expected timestep {expected.item()}, got "
+                                 f"{self._schedule[index].item()}; loop over scheduler.timesteps in order")
+            # This call's own timestep is the interval's end; its ε̂ was computed at the predictor's point there.
+            mean_noise = 0.5 * (start_noise + noise_estimate)
+            prev_sample = a_t * (start / a_start) + (b_t - a_t * b_start / a_start) * mean_noise
+            self._heun_state = None
+        prev_sample = prev_sample.to(dtype)
         if not return_dict:
             return (prev_sample, x0)
         return UDMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
