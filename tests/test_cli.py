@@ -51,6 +51,11 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     assert "LoRA-GA      : rank 8" in printed
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert reloaded.config.model_type == "hf_ext"
+    reflow = report["reflow"]
+    assert reflow["2-RF"]["straightness"] < 0.1 * reflow["1-RF"]["straightness"]
+    assert reflow["2-RF"]["distance_by_steps"]["1"] < 0.5 * reflow["1-RF"]["distance_by_steps"]["1"]
+    assert (out / "reflow_2d.png").stat().st_size > 10_000
+    assert "reflow (2-D) : distance to data at 1/2/32 Euler steps" in printed
 
 
 def test_demo_rejects_a_missing_text_file(tmp_path):

@@ -76,7 +76,7 @@ def test_unified_step_is_the_ddpm_posterior_in_float64():
     x0, xt = torch.randn(999, 4, dtype=torch.float64), torch.randn(999, 4, dtype=torch.float64)
     t = torch.arange(1, 1000)
     ac_t, ac_s = alphas_cumprod[t], alphas_cumprod[t - 1]
-    one_step = udm.one_step_variance(ac_t, 1 - ac_t, ac_s, 1 - ac_s)
+    one_step = udm.one_step_variance(ac_t, 1 - ac_t, ac_s, 1 - ac_s, variance_preserving=True)
     sigma = udm.posterior_variance(one_step, 1 - ac_t, 1 - ac_s).sqrt()
     # DDPM (Ho et al., eq. 7): β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t)·β_t; μ̃ = √ᾱ_{t−1}β_t/(1 − ᾱ_t)·x0 + √α_t(1 − ᾱ_{t−1})/(1 − ᾱ_t)·x_t
     torch.testing.assert_close(one_step, betas[t], rtol=1e-12, atol=0)

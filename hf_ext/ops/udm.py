@@ -57,11 +57,12 @@ def interpolate_log_alphas_cumprod(alphas_cumprod: torch.Tensor, t: torch.Tensor
     return torch.exp(log_alphas[low] * (1 - weight) + log_alphas[high] * weight)
 
 
-def split_prediction(model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, prediction_type: str):
+def split_prediction(model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t, prediction_type: str,
+                     variance_preserving: bool = True):
     """(x̂0, ε̂) from the model output, for x_t = a·x0 + b·ε.
 
     epsilon: ε;  sample: x0;  v_prediction: v = a·ε − b·x0;  flow_prediction: v = ε − x0 (rectified flow's velocity,
-    defined for any schedule). For VP schedules (a² + b² = 1) the v formulas reduce to diffusers' expressions.
+    defined for any schedule). For variance-preserving schedules (a² + b² = 1) the v formulas are diffusers' own.
     """
     if prediction_type == "epsilon":
         x0 = (sample - b_t * model_output) / a_t
@@ -69,34 +70,28 @@ def split_prediction(model_output: torch.Tensor, sample: torch.Tensor, a_t, b_t,
     if prediction_type == "sample":
         return model_output, (sample - a_t * model_output) / b_t
     if prediction_type == "v_prediction":
-        norm = a_t * a_t + b_t * b_t
-        if isinstance(norm, torch.Tensor) and torch.allclose(norm, torch.ones_like(norm)):
+        if variance_preserving:
             return a_t * sample - b_t * model_output, a_t * model_output + b_t * sample
+        norm = a_t * a_t + b_t * b_t
         return (a_t * sample - b_t * model_output) / norm, (a_t * model_output + b_t * sample) / norm
     if prediction_type == "flow_prediction":
         return (sample - b_t * model_output) / (a_t + b_t), (sample + a_t * model_output) / (a_t + b_t)
     raise ValueError(f"prediction_type={prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}")
 
 
-def one_step_variance(alpha_prod_t, beta_prod_t, alpha_prod_s, beta_prod_s):
+def one_step_variance(alpha_prod_t, beta_prod_t, alpha_prod_s, beta_prod_s, variance_preserving: bool = True):
     """b_{t|s}²: the variance of x_t given x_s (s < t), where x_t = (a_t/a_s)·x_s + b_{t|s}·ε.
 
     Arguments are the squares a², b². Variance-preserving schedules (a² + b² = 1) give 1 − ᾱ_t/ᾱ_s, DDPM's β_t,
     computed in that form (DDPM's own float32 operations); other schedules use b_t² − (a_t²/a_s²)·b_s².
     """
     ratio = alpha_prod_t / alpha_prod_s
-    if _is_variance_preserving(alpha_prod_t, beta_prod_t) and _is_variance_preserving(alpha_prod_s, beta_prod_s):
-        return 1 - ratio
-    return beta_prod_t - ratio * beta_prod_s
+    return 1 - ratio if variance_preserving else beta_prod_t - ratio * beta_prod_s
 
 
 def posterior_variance(one_step_var, beta_prod_t, beta_prod_s):
     """Variance of q(x_s | x_t, x0) = b_s²·b_{t|s}²/b_t². With σ² equal to it the UDM step is the DDPM posterior."""
     return beta_prod_s / beta_prod_t * one_step_var
-
-
-def _is_variance_preserving(alpha_prod, beta_prod) -> bool:
-    return bool(torch.all((torch.as_tensor(alpha_prod) + beta_prod - 1).abs() < 1e-6))
 
 
 def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ SOLVERS = ("euler", "heun")
 @dataclass
 class ReFlowSchedulerOutput(BaseOutput):
     """``prev_sample``: the sample at the next (lower) noise level; ``pred_original_sample``: the data estimate
-    x − σ·v at the current one."""
+    x − σ·v at the current one (``step(..., return_dict=False)`` returns ``(prev_sample,)`` only, as FlowMatchEuler)."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
@@ -112,7 +112,8 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = None
         self._step_index = None
         self._begin_index = None
-        self._heun_state = None  # (sample, velocity, sigma, sigma_next) between Heun's two calls
+        self._heun_state = None  # (sample, velocity, sigma) between Heun's two calls
+        self._sigma_values: list[float] = []
 
     # ---- the attributes pipelines read --------------------------------------------------------------------------
     @property
@@ -208,6 +209,7 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.timesteps = step_timesteps
         self.sigmas = torch.cat([step_sigmas, end])
+        self._sigma_values = self.sigmas.tolist()  # float32 values as Python floats: step() reads these
         self._step_index = None
         self._begin_index = None
         self._heun_state = None
@@ -268,35 +270,32 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("step() takes one of scheduler.timesteps (floats), not an integer index")
         if self._step_index is None:
             self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-        if self._step_index >= len(self.timesteps):
-            raise ValueError(f"the schedule of {len(self.timesteps)} calls is finished; call set_timesteps() again")
+        index, num_calls = self._step_index, len(self._sigma_values) - 1
+        if index >= num_calls:
+            raise ValueError(f"the schedule of {num_calls} calls is finished; call set_timesteps() again")
 
-        index = self._step_index
-        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
+        config = self.config
+        sigma, sigma_next = self._sigma_values[index], self._sigma_values[index + 1]
         work = sample.to(torch.float32)
-        velocity = self._velocity(model_output.to(torch.float32), work, sigma)
-        pred_original = work - sigma * velocity
+        velocity = model_output.to(torch.float32)
+        if config.prediction_type == "sample":
+            velocity = (work - velocity) / sigma  # x_σ = σ·noise + (1−σ)·data  ⇒  v = (x_σ − data)/σ
         if self._heun_state is not None:  # Heun's corrector: average the slopes at both ends of the interval
-            start, start_velocity, start_sigma, _ = self._heun_state
+            start, start_velocity, start_sigma = self._heun_state
             prev_sample = flow.heun_step(start, start_velocity, velocity, start_sigma, sigma)
             self._heun_state = None
-        elif self.config.stochastic_sampling:
+        elif config.stochastic_sampling:
             noise = randn_tensor(work.shape, generator=generator, device=work.device, dtype=work.dtype)
-            prev_sample = (1.0 - sigma_next) * pred_original + sigma_next * noise
+            prev_sample = (1.0 - sigma_next) * (work - sigma * velocity) + sigma_next * noise
         else:
             prev_sample = flow.euler_step(work, velocity, sigma, sigma_next)
-            if self.config.solver == "heun" and index + 1 < len(self.timesteps):
-                self._heun_state = (work, velocity, sigma, sigma_next)
+            if config.solver == "heun" and index + 1 < num_calls:
+                self._heun_state = (work, velocity, sigma)
         self._step_index += 1
         prev_sample = prev_sample.to(model_output.dtype)
-        if not return_dict:
-            return (prev_sample, pred_original)
-        return ReFlowSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
-
-    def _velocity(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.config.prediction_type == "flow_prediction":
-            return model_output
-        return (sample - model_output) / sigma  # x_σ = σ·noise + (1−σ)·data  ⇒  v = (x_σ − data)/σ
+        if not return_dict:  # what SD3/Flux-style pipelines ask for: no data estimate to compute
+            return (prev_sample,)
+        return ReFlowSchedulerOutput(prev_sample=prev_sample, pred_original_sample=work - sigma * velocity)
 
     # ---- forward process ------------------------------------------------------------------------------------------
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,14 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
                                  f"{num_train_timesteps}")
             self.alphas_cumprod = udm.vp_alphas_cumprod(num_train_timesteps, beta_schedule, beta_start, beta_end,
                                                         trained_betas)
+        self.variance_preserving = not self.flow_schedule
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = None  # what a pipeline loops over (Heun: inner timesteps twice)
         self._schedule = None  # the distinct timesteps, in order
+        self._schedule_values: list = []  # the same as Python numbers, for a cheap lookup in step()
+        self._levels: dict[str, torch.Tensor] = {}  # per step: a², b² at t and at the step's target s
+        self._coefficients: dict[tuple, list[tuple[float, ...]]] = {}  # per (eta, use_clipped): step coefficients
         self._heun_state = None  # (x_t, ε̂_t, a_t, b_t, s) between Heun's predictor and corrector calls
 
     @property
@@ -187,7 +191,14 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(values)
         dtype = torch.float32 if self.continuous else torch.int64
         self._schedule = torch.from_numpy(values).to(dtype=dtype, device=device)
+        self._schedule_values = self._schedule.tolist()
         self.timesteps = self._schedule
+        schedule = self._schedule.cpu()
+        alpha_prod_t, beta_prod_t = self.noise_levels(schedule)
+        alpha_prod_s, beta_prod_s = self.noise_levels(torch.cat([schedule[1:], schedule.new_tensor([-1])]))
+        self._levels = dict(alpha_prod_t=alpha_prod_t, beta_prod_t=beta_prod_t, alpha_prod_s=alpha_prod_s,
+                            beta_prod_s=beta_prod_s)
+        self._coefficients = {}
         if self.config.solver == "heun":
             self.timesteps = torch.cat([self._schedule[:1], self._schedule[1:].repeat_interleave(2)])
         self._heun_state = None
@@ -216,13 +227,37 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if self.timesteps is None:
             raise ValueError("UDMScheduler.step() called before set_timesteps(); call "
                              "scheduler.set_timesteps(num_inference_steps) first")
-        timestep = torch.as_tensor(timestep, device=self._schedule.device)
-        if timestep.numel() != 1:
-            raise ValueError(f"step() takes a single timestep, got a tensor of shape {tuple(timestep.shape)}")
-        matches = (self._schedule == timestep.to(self._schedule.dtype)).nonzero()
-        if len(matches) == 0:
-            raise timestep_not_in_schedule_error(timestep, self._schedule)
-        return matches[0].item()
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"step() takes a single timestep, got a tensor of shape {tuple(timestep.shape)}")
+            timestep = timestep.item()
+        try:
+            return self._schedule_values.index(timestep)
+        except ValueError:
+            raise timestep_not_in_schedule_error(timestep, self._schedule) from None
+
+    def _step_coefficients(self, eta: float, use_clipped_model_output: bool) -> list[tuple[float, ...]]:
+        """Per step (a_t, b_t, coefficient of x̂0, of x_t or ε̂, noise std) as Python floats, computed once per η
+        with the float32 operations DDIM/DDPM use, so that stepping costs a few tensor operations."""
+        key = (eta, use_clipped_model_output)
+        if key not in self._coefficients:
+            levels = self._levels
+            a_t, b_t, a_s = levels["alpha_prod_t"] ** 0.5, levels["beta_prod_t"] ** 0.5, levels["alpha_prod_s"] ** 0.5
+            one_step = udm.one_step_variance(levels["alpha_prod_t"], levels["beta_prod_t"], levels["alpha_prod_s"],
+                                             levels["beta_prod_s"], self.variance_preserving)
+            kernel_std = eta * udm.posterior_variance(one_step, levels["beta_prod_t"], levels["beta_prod_s"]) ** 0.5
+            direction = (levels["beta_prod_s"] - kernel_std**2).clamp(min=0) ** 0.5
+            if use_clipped_model_output:
+                # ε̂ = (x_t − a_t·x̂0)/b_t folded into two coefficients (DDPM's form: no 1/b_t amplification of x_t)
+                other = direction / b_t
+                x0_coefficient = a_s - other * a_t
+            else:
+                other, x0_coefficient = direction, a_s
+            noise_std = one_step**0.5 if self.config.variance_type == "fixed_large" else kernel_std
+            noise_std[-1] = 0.0  # nothing is added on the step to clean data (DDPM: "t > 0")
+            columns = (a_t, b_t, x0_coefficient, other, noise_std, a_s, levels["beta_prod_s"] ** 0.5)
+            self._coefficients[key] = list(zip(*(column.tolist() for column in columns)))
+        return self._coefficients[key]
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -247,34 +282,26 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         index = self._index_for_timestep(timestep)
-        is_last = index + 1 == len(self._schedule)
-        alpha_prod_t, beta_prod_t = self.noise_levels(self._schedule[index].cpu())
-        alpha_prod_s, beta_prod_s = self.noise_levels(torch.tensor(-1) if is_last else self._schedule[index + 1].cpu())
-        a_t, b_t, a_s = alpha_prod_t**0.5, beta_prod_t**0.5, alpha_prod_s**0.5
+        is_last = index + 1 == len(self._schedule_values)
+        a_t, b_t, x0_coefficient, other_coefficient, noise_std, a_s, b_s = self._step_coefficients(
+            eta, use_clipped_model_output)[index]
 
         # 1. predict: x̂0 and ε̂ from the model output
-        x0, noise_estimate = udm.split_prediction(model_output, sample, a_t, b_t, config.prediction_type)
+        x0, noise_estimate = udm.split_prediction(model_output, sample, a_t, b_t, config.prediction_type,
+                                                  self.variance_preserving)
         if config.thresholding:
             x0 = udm.threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
         elif config.clip_sample:
             x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
 
         if self.config.solver == "heun" and (self._heun_state is not None or not is_last):
-            return self._heun_step(index, sample, x0, noise_estimate, a_t, b_t, a_s, beta_prod_s**0.5,
-                                   model_output.dtype, return_dict)
+            return self._heun_step(index, sample, x0, noise_estimate, a_t, b_t, a_s, b_s, model_output.dtype,
+                                   return_dict)
 
-        # 2. correct: move to s with kernel std σ, drawing noise of std σ_noise
-        one_step_variance = udm.one_step_variance(alpha_prod_t, beta_prod_t, alpha_prod_s, beta_prod_s)
-        kernel_std = eta * udm.posterior_variance(one_step_variance, beta_prod_t, beta_prod_s) ** 0.5
-        direction = (beta_prod_s - kernel_std**2).clamp(min=0) ** 0.5
-        if use_clipped_model_output:
-            # ε̂ = (x_t − a_t·x̂0)/b_t folded into two coefficients (DDPM's form: no 1/b_t amplification of x_t)
-            sample_coefficient = direction / b_t
-            prev_sample = (a_s - sample_coefficient * a_t) * x0 + sample_coefficient * sample
-        else:
-            prev_sample = a_s * x0 + direction * noise_estimate
-        noise_std = one_step_variance**0.5 if config.variance_type == "fixed_large" else kernel_std
-        if not is_last and noise_std > 0:  # nothing is added on the step to clean data (DDPM: "t > 0")
+        # 2. correct: x_s = a_s·x̂0 + √(b_s² − σ²)·ε̂ + σ_noise·z, with ε̂ from the clipped x̂0 (use_clipped) or not
+        other = sample if use_clipped_model_output else noise_estimate
+        prev_sample = x0_coefficient * x0 + other_coefficient * other
+        if noise_std > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                               dtype=model_output.dtype)
@@ -290,13 +317,13 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if self.config.use_clipped_model_output:
             noise_estimate = (sample - a_t * x0) / b_t
         if self._heun_state is None:  # predictor: remember where we started
-            self._heun_state = (sample, noise_estimate, a_t, b_t, self._schedule[index + 1])
+            self._heun_state = (sample, noise_estimate, a_t, b_t, self._schedule_values[index + 1])
             prev_sample = a_s * (sample / a_t) + (b_s - a_s * b_t / a_t) * noise_estimate
         else:
             start, start_noise, a_start, b_start, expected = self._heun_state
-            if self._schedule[index] != expected:
-                raise ValueError(f"Heun's corrector expected timestep {expected.item()}, got "
-                                 f"{self._schedule[index].item()}; loop over scheduler.timesteps in order")
+            if self._schedule_values[index] != expected:
+                raise ValueError(f"Heun's corrector expected timestep {expected}, got "
+                                 f"{self._schedule_values[index]}; loop over scheduler.timesteps in order")
             # This call's own timestep is the interval's end; its ε̂ was computed at the predictor's point there.
             mean_noise = 0.5 * (start_noise + noise_estimate)
             prev_sample = a_t * (start / a_start) + (b_t - a_t * b_start / a_start) * mean_noise
