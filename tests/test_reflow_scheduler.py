@@ -228,3 +228,15 @@ def test_pipeline_saved_with_reflow_reloads_through_diffusion_pipeline(tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected, atol=1e-6)
     reloaded = DiffusionPipeline.from_pretrained(tmp_path)  # in this process hf_ext is already imported
     assert isinstance(reloaded.scheduler, ReFlowScheduler)
+
+
+def test_trailing_spacing_takes_equal_steps_for_few_step_sampling():
+    trailing, linspace = ReFlowScheduler(timestep_spacing="trailing"), ReFlowScheduler()
+    trailing.set_timesteps(2)
+    linspace.set_timesteps(2)
+    assert trailing.sigmas.tolist() == [1.0, 0.5, 0.0]
+    assert linspace.sigmas.tolist() == pytest.approx([1.0, 1 / T, 0.0])  # FlowMatchEuler's grid: one real step
+    shifted = ReFlowScheduler(timestep_spacing="trailing", shift=3.0)
+    shifted.set_timesteps(4)
+    np.testing.assert_allclose(shifted.sigmas[:-1].numpy(), shift_sigmas(np.array([1.0, 0.75, 0.5, 0.25]), 3.0),
+                               rtol=1e-6)

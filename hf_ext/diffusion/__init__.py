@@ -10,7 +10,7 @@ diffusers' FlowMatchEulerDiscreteScheduler.
 
 from .metrics import mmd_rbf, sliced_wasserstein
 from .pairs import ReflowPairs, generate_reflow_pairs
-from .sampling import FlowSolution, predict_velocity, solve_flow, straightness, uniform_sigmas
+from .sampling import FlowSolution, predict_velocity, solve_flow, straightness
 from .toy import VelocityMLP, eight_gaussians, two_moons
 from .training import (FlowTrainingArguments, FlowTrainingResult, distill, rectified_flow_loss, train_reflow,
                        train_rectified_flow)
@@ -18,6 +18,6 @@ from .training import (FlowTrainingArguments, FlowTrainingResult, distill, recti
 __all__ = [
     "FlowTrainingArguments", "FlowTrainingResult", "train_rectified_flow", "train_reflow", "distill",
     "rectified_flow_loss", "ReflowPairs", "generate_reflow_pairs", "solve_flow", "FlowSolution", "straightness",
-    "predict_velocity", "uniform_sigmas", "VelocityMLP", "eight_gaussians", "two_moons", "sliced_wasserstein",
+    "predict_velocity", "VelocityMLP", "eight_gaussians", "two_moons", "sliced_wasserstein",
     "mmd_rbf",
 ]

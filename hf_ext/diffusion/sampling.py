@@ -24,12 +24,6 @@ def predict_velocity(model, sample: torch.Tensor, timesteps: torch.Tensor) -> to
     return output
 
 
-def uniform_sigmas(num_steps: int) -> list[float]:
-    """σ = 1, (N−1)/N, …, 1/N: equal steps down to 0, the grid for few-step sampling (FlowMatchEuler's default grid
-    ends at 1/T instead, which makes its 2-step schedule one step of 1 − 1/T and one of 1/T)."""
-    return list(np.linspace(1.0, 1.0 / num_steps, num_steps))
-
-
 @dataclass
 class FlowSolution:
     """``samples``: the end points (σ = 0); ``trajectory``: the states at every σ of the grid, start and end included
@@ -45,7 +39,8 @@ class FlowSolution:
 def solve_flow(model, noise: torch.Tensor, num_inference_steps: int = 32, solver: str = "euler",
                num_train_timesteps: int = 1000, return_trajectory: bool = False, batch_size: int | None = None,
                show_progress: bool = False) -> FlowSolution:
-    """Integrate dx/dσ = v(x, σ) from ``noise`` (σ = 1) to σ = 0 on `uniform_sigmas` with `ReFlowScheduler`.
+    """Integrate dx/dσ = v(x, σ) from ``noise`` (σ = 1) to σ = 0 in equal steps (σ = 1, (N−1)/N, …, 1/N, 0) with
+    ``ReFlowScheduler(timestep_spacing="trailing")``.
 
     ``batch_size`` splits a large ``noise`` tensor into chunks (the results are concatenated).
     """
@@ -64,8 +59,8 @@ def solve_flow(model, noise: torch.Tensor, num_inference_steps: int = 32, solver
 
 
 def _solve_chunk(model, noise, num_steps, solver, num_train_timesteps, return_trajectory) -> FlowSolution:
-    scheduler = ReFlowScheduler(num_train_timesteps=num_train_timesteps, solver=solver)
-    scheduler.set_timesteps(sigmas=uniform_sigmas(num_steps), device=noise.device)
+    scheduler = ReFlowScheduler(num_train_timesteps=num_train_timesteps, solver=solver, timestep_spacing="trailing")
+    scheduler.set_timesteps(num_steps, device=noise.device)
     sample, trajectory, velocities = noise, [noise], []
     for index, t in enumerate(scheduler.timesteps):
         velocity = predict_velocity(model, sample, t.expand(sample.shape[0]))
@@ -77,7 +72,7 @@ def _solve_chunk(model, noise, num_steps, solver, num_train_timesteps, return_tr
                 trajectory.append(sample)
             if solver == "euler" or index % 2 == 0:
                 velocities.append(velocity)
-    sigmas = [*uniform_sigmas(num_steps), 0.0]
+    sigmas = [*np.linspace(1.0, 1.0 / num_steps, num_steps).tolist(), 0.0]
     if not return_trajectory:
         return FlowSolution(samples=sample, sigmas=sigmas)
     return FlowSolution(samples=sample, trajectory=trajectory, sigmas=sigmas, velocities=velocities)

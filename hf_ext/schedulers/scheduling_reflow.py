@@ -61,6 +61,9 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         stochastic_sampling: re-noise the data estimate to the next σ instead of the ODE step (Euler only).
         solver: ``"euler"`` (1 model call per step) or ``"heun"`` (2 per step, the last step 1; ``order = 2``).
         prediction_type: ``"flow_prediction"`` (v = noise − data) or ``"sample"`` (the model predicts the data).
+        timestep_spacing: the default grid of `set_timesteps(N)`: ``"linspace"`` (FlowMatchEuler's: σ from 1 to 1/T,
+            so with N = 2 the second step is only 1/T long) or ``"trailing"`` (σ = 1, (N−1)/N, …, 1/N: equal steps,
+            what few-step sampling of a reflowed or distilled model needs).
 
     Example:
         >>> import hf_ext
@@ -92,10 +95,12 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         stochastic_sampling: bool = False,
         solver: Literal["euler", "heun"] = "euler",
         prediction_type: Literal["flow_prediction", "sample"] = "flow_prediction",
+        timestep_spacing: Literal["linspace", "trailing"] = "linspace",
     ):
         check_choice("solver", solver, SOLVERS)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        check_choice("timestep_spacing", timestep_spacing, ("linspace", "trailing"))
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps}")
         if shift <= 0:
@@ -187,7 +192,8 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
             self._check_grid(sigma_grid, "timesteps", scale=T)
         else:
             if sigmas is None:
-                sigma_grid = np.linspace(1.0, 1.0 / T, num_inference_steps)
+                last = 1.0 / num_inference_steps if config.timestep_spacing == "trailing" else 1.0 / T
+                sigma_grid = np.linspace(1.0, last, num_inference_steps)
             else:
                 sigma_grid = np.asarray(sigmas, dtype=np.float64)
                 self._check_grid(sigma_grid, "sigmas", scale=1)
