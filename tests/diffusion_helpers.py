@@ -33,6 +33,29 @@ def sampling_loop(unet, scheduler, num_inference_steps=None, shape=(2, 3, 8, 8),
     return sample
 
 
+def reload_pipeline_in_fresh_python(pipeline, folder, num_inference_steps: int) -> tuple[str, dict, object]:
+    """Save ``pipeline``, load it in a new interpreter with ``import hf_ext`` + ``DiffusionPipeline.from_pretrained``
+    and sample there. Returns (scheduler class name, its config, images); the caller compares with its own images
+    from ``pipeline(batch_size=1, num_inference_steps, generator=manual_seed(0), output_type="np")``."""
+    import json
+
+    import numpy
+
+    pipeline.save_pretrained(folder)
+    output = run_in_fresh_python(f"""
+        import json, numpy, torch
+        import hf_ext
+        from diffusers import DiffusionPipeline
+        pipeline = DiffusionPipeline.from_pretrained({str(folder)!r})
+        images = pipeline(batch_size=1, num_inference_steps={num_inference_steps},
+                          generator=torch.Generator().manual_seed(0), output_type="np").images
+        numpy.save({str(folder / "images.npy")!r}, images)
+        print(type(pipeline.scheduler).__name__, json.dumps(dict(pipeline.scheduler.config)))
+    """)
+    name, config = output.strip().splitlines()[-1].split(" ", 1)
+    return name, json.loads(config), numpy.load(folder / "images.npy")
+
+
 def run_in_fresh_python(code: str) -> str:
     """Run `code` in a new interpreter (nothing imported yet) and return its stdout; fail with its stderr."""
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

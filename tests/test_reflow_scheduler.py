@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-from diffusion_helpers import run_in_fresh_python, sampling_loop, tiny_unet
+from diffusion_helpers import reload_pipeline_in_fresh_python, sampling_loop, tiny_unet
 from hf_ext.ops.flow import dynamic_shift_mu, shift_sigmas
 from hf_ext.schedulers import ReFlowScheduler
 
@@ -213,19 +213,9 @@ def test_pipeline_saved_with_reflow_reloads_through_diffusion_pipeline(tmp_path)
     pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=ReFlowScheduler(solver="heun"))
     expected = pipeline(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
                         output_type="np").images
-    pipeline.save_pretrained(tmp_path)
-    output = run_in_fresh_python(f"""
-        import numpy, torch
-        import hf_ext
-        from diffusers import DiffusionPipeline
-        pipeline = DiffusionPipeline.from_pretrained({str(tmp_path)!r})
-        images = pipeline(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                          output_type="np").images
-        numpy.save({str(tmp_path / "images.npy")!r}, images)
-        print(type(pipeline.scheduler).__name__, pipeline.scheduler.config.solver)
-    """)
-    assert output.split()[-2:] == ["ReFlowScheduler", "heun"]
-    np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected, atol=1e-6)
+    name, config, images = reload_pipeline_in_fresh_python(pipeline, tmp_path, num_inference_steps=3)
+    assert name == "ReFlowScheduler" and config["solver"] == "heun"
+    np.testing.assert_allclose(images, expected, atol=1e-6)
     reloaded = DiffusionPipeline.from_pretrained(tmp_path)  # in this process hf_ext is already imported
     assert isinstance(reloaded.scheduler, ReFlowScheduler)
 

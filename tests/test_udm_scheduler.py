@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-from diffusion_helpers import run_in_fresh_python, sampling_loop, tiny_unet
+from diffusion_helpers import reload_pipeline_in_fresh_python, sampling_loop, tiny_unet
 from hf_ext.ops import udm
 from hf_ext.schedulers import UDMScheduler
 
@@ -206,19 +206,9 @@ def test_pipeline_saved_with_udm_reloads_through_diffusion_pipeline(tmp_path):
     pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=UDMScheduler(eta=1.0))
     expected = pipeline(batch_size=1, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
                         output_type="np").images
-    pipeline.save_pretrained(tmp_path)
-    output = run_in_fresh_python(f"""
-        import numpy, torch
-        import hf_ext
-        from diffusers import DiffusionPipeline
-        pipeline = DiffusionPipeline.from_pretrained({str(tmp_path)!r})
-        images = pipeline(batch_size=1, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
-                          output_type="np").images
-        numpy.save({str(tmp_path / "images.npy")!r}, images)
-        print(type(pipeline.scheduler).__name__, pipeline.scheduler.config.eta)
-    """)
-    assert output.split()[-2:] == ["UDMScheduler", "1.0"]
-    np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected, atol=1e-6)
+    name, config, images = reload_pipeline_in_fresh_python(pipeline, tmp_path, num_inference_steps=5)
+    assert name == "UDMScheduler" and config["eta"] == 1.0
+    np.testing.assert_allclose(images, expected, atol=1e-6)
 
 
 def _gaussian_epsilon_model(scheduler, mean, std):
