@@ -254,6 +254,8 @@ def test_heun_needs_eta_zero_and_the_steps_in_order():
     scheduler.set_timesteps(4)
     assert scheduler.order == 2 and scheduler.timesteps.tolist() == [750, 500, 500, 250, 250, 0, 0]
     x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="eta must be 0, got 0.5"):
+        scheduler.step(x, 750, x, eta=0.5)
     scheduler.step(x, 750, x)
     with pytest.raises(ValueError, match="Heun's corrector expected timestep 500, got 250"):
         scheduler.step(x, 250, x)

@@ -277,6 +277,8 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         eta = config.eta if eta is None else eta
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if config.solver == "heun" and eta != 0:
+            raise ValueError(f"solver='heun' integrates the probability-flow ODE, so eta must be 0, got {eta}")
         if use_clipped_model_output is None:
             use_clipped_model_output = config.use_clipped_model_output
         if variance_noise is not None and generator is not None:
