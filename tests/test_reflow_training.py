@@ -101,6 +101,20 @@ def test_resumed_training_continues_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_learning_rate_schedules():
+    from hf_ext.diffusion.training import _learning_rate_factor
+
+    def factors(kind):
+        args = FlowTrainingArguments(max_steps=10, warmup_steps=2, lr_scheduler_type=kind)
+        return [_learning_rate_factor(args, step) for step in range(10)]
+
+    assert factors("constant") == pytest.approx([1 / 3, 2 / 3] + [1.0] * 8)
+    assert factors("linear")[2:] == pytest.approx([1 - i / 8 for i in range(8)])
+    assert factors("cosine")[2] == 1.0 and factors("cosine")[6] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_scheduler_type='step'"):
+        FlowTrainingArguments(lr_scheduler_type="step")
+
+
 def test_existing_checkpoints_are_never_overwritten_silently(tmp_path):
     data = eight_gaussians(100)
     args = FlowTrainingArguments(max_steps=2, batch_size=8, output_dir=str(tmp_path), **QUIET)

@@ -19,6 +19,7 @@ learning-rate schedule) plus ``flow_training_state.json``, written to a temporar
 """
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ class FlowTrainingArguments:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"  # after warm-up: "constant", "linear" or "cosine" decay to 0 at max_steps
     max_grad_norm: float | None = 1.0
     save_steps: int = 0  # 0: one checkpoint at the end (when output_dir is set)
     save_total_limit: int | None = 2
@@ -68,6 +70,9 @@ class FlowTrainingArguments:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}; choose one of 'constant', 'linear', "
+                             "'cosine'")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of 'no', 'bf16', 'fp16'")
         if self.resume_from_checkpoint and self.output_dir is None and self.resume_from_checkpoint is True:
@@ -152,7 +157,7 @@ def _train(model, args: FlowTrainingArguments, make_batch: Callable, accelerator
     optimizer_cls, optimizer_kwargs = args.optimizer_cls_and_kwargs or (
         torch.optim.AdamW, {"lr": args.learning_rate, "weight_decay": args.weight_decay})
     optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], **optimizer_kwargs)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.warmup_steps + 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(args, step))
     was_training = model.training
     model.train()
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
@@ -184,6 +189,18 @@ def _train(model, args: FlowTrainingArguments, make_batch: Callable, accelerator
     result.model = accelerator.unwrap_model(model)
     result.model.train(was_training)
     return result
+
+
+def _learning_rate_factor(args: FlowTrainingArguments, step: int) -> float:
+    """Linear warm-up over warmup_steps, then constant or a linear / cosine decay reaching 0 at max_steps."""
+    if step < args.warmup_steps:
+        return (step + 1) / (args.warmup_steps + 1)
+    if args.lr_scheduler_type == "constant":
+        return 1.0
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    if args.lr_scheduler_type == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _step_seed(seed: int, step: int, process: int) -> int:
