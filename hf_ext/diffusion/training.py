@@ -160,7 +160,10 @@ def _train(model, args: FlowTrainingArguments, make_batch: Callable, accelerator
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(args, step))
     was_training = model.training
     model.train()
-    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Not prepared: accelerate would step a prepared schedule once per process per step (it assumes the data is split
+    # across processes); here every process takes max_steps steps. Registered, so that checkpoints still hold it.
+    accelerator.register_for_checkpointing(schedule)
 
     start_step = 0
     if resume_dir is not None:

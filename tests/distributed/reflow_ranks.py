@@ -1,8 +1,8 @@
 """Run under `torchrun --nproc_per_node 2` by tests/test_reflow_training.py (gloo, CPU, through accelerate).
 
 Usage: reflow_ranks.py SCENARIO OUTPUT_JSON. Both ranks train a float64 1-rectified flow with
-hf_ext.diffusion.train_rectified_flow; rank 0 replays the same two per-rank batches in one process and writes the
-comparison.
+hf_ext.diffusion.train_rectified_flow; rank 0 replays the same two per-rank batches in one process (same warm-up and linear decay)
+and writes the comparison.
 """
 
 import json
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from hf_ext.diffusion import FlowTrainingArguments, VelocityMLP, eight_gaussians, rectified_flow_loss, train_rectified_flow
-from hf_ext.diffusion.training import _step_seed
+from hf_ext.diffusion.training import _learning_rate_factor, _step_seed
 
 STEPS = 6
 
@@ -25,7 +25,7 @@ def _model():
 def main(output: str) -> None:
     data = eight_gaussians(512, generator=torch.Generator().manual_seed(0)).double()
     args = FlowTrainingArguments(max_steps=STEPS, batch_size=16, learning_rate=1e-2, max_grad_norm=None,
-                                 show_progress=False)
+                                 warmup_steps=2, lr_scheduler_type="linear", show_progress=False)
     trained = train_rectified_flow(_model(), data, args).model
     flat = torch.cat([p.detach().flatten() for p in trained.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(2)]
@@ -33,6 +33,7 @@ def main(output: str) -> None:
     if dist.get_rank() == 0:
         reference = _model()
         optimizer = torch.optim.AdamW(reference.parameters(), lr=args.learning_rate, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(args, step))
         for step in range(STEPS):
             losses = []
             for process in (0, 1):  # what each rank drew at this step
@@ -43,6 +44,7 @@ def main(output: str) -> None:
                 losses.append(rectified_flow_loss(reference, batch, noise, sigma))
             (sum(losses) / 2).backward()
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad()
         expected = torch.cat([p.detach().flatten() for p in reference.parameters()])
         initial = torch.cat([p.detach().flatten() for p in _model().parameters()])
