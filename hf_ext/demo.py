@@ -324,7 +324,8 @@ def reflow_2d(run: DemoRun) -> None:
     settings = run.settings
     torch.manual_seed(settings.seed)
     data = eight_gaussians(settings.reflow_pairs, generator=torch.Generator().manual_seed(settings.seed))
-    args = FlowTrainingArguments(max_steps=settings.reflow_training_steps, learning_rate=2e-3, seed=settings.seed)
+    args = FlowTrainingArguments(max_steps=settings.reflow_training_steps, learning_rate=2e-3, lr_scheduler_type="cosine",
+                                 seed=settings.seed)
     started = time.perf_counter()
     flows = {"1-RF": train_rectified_flow(VelocityMLP(), data, args).model}
     pairs = generate_reflow_pairs(flows["1-RF"], settings.reflow_pairs, (2,), num_inference_steps=32)
