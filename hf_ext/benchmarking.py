@@ -491,8 +491,8 @@ def list_benchmarks() -> list[str]:
     return sorted(names)
 
 
-def run_benchmark(name: str, quick: bool = False) -> dict:
-    """Import ``benchmarks/NAME.py`` and return what its ``main(quick=quick)`` returns (the result document)."""
+def load_benchmark(name: str):
+    """Import ``benchmarks/NAME.py`` as a module (registered in sys.modules: dataclasses and pickling look it up)."""
     for directory in benchmark_dirs():
         script = directory / f"{name}.py"
         if script.is_file() and not name.startswith("_"):
@@ -504,8 +504,13 @@ def run_benchmark(name: str, quick: bool = False) -> dict:
     module_name = f"hf_ext_benchmark_{name}"
     spec = importlib.util.spec_from_file_location(module_name, script)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     if not callable(getattr(module, "main", None)):
         raise ValueError(f"Benchmark script {script} defines no main(quick=False) function.")
-    return module.main(quick=quick)
+    return module
+
+
+def run_benchmark(name: str, quick: bool = False) -> dict:
+    """Import ``benchmarks/NAME.py`` and return what its ``main(quick=quick)`` returns (the result document)."""
+    return load_benchmark(name).main(quick=quick)

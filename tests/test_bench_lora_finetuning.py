@@ -5,11 +5,8 @@ Structure only: the keys exist, the losses are finite, one curve per method and 
 written, the rows render in RESULTS.md. Nothing asserts on a loss level, a time, a peak or the goal being met.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +14,6 @@ import torch
 from hf_ext import benchmarking
 from hf_ext.assets import python_doc_files
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_finetuning.py"
 NAME = "lora_finetuning"
 
 GLOSSARY_RST = """\
@@ -73,11 +69,7 @@ Short.
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora_finetuning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name (as run_benchmark registers it)
-    spec.loader.exec_module(module)
-    return module
+    return benchmarking.load_benchmark(NAME)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ Structure only: the keys exist, the measured numbers are positive, the checks ho
 Nothing asserts on a peak, a time or the goal being met (a tiny model says nothing about them).
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,10 +17,7 @@ NAME = "lora_ga_init_memory"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora_ga_init_memory", BENCHMARKS / f"{NAME}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmarking.load_benchmark(NAME)
 
 
 @pytest.fixture(scope="module")

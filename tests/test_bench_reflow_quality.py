@@ -5,11 +5,8 @@ Structure only: the keys exist, the numbers are finite, DDIM and UDM agree, the 
 render in RESULTS.md. Nothing asserts on a distance level or the goal being met.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,17 +14,12 @@ import torch
 
 from hf_ext import benchmarking
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reflow_quality.py"
 NAME = "reflow_quality"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_reflow_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name (as run_benchmark registers it)
-    spec.loader.exec_module(module)
-    return module
+    return benchmarking.load_benchmark(NAME)
 
 
 @pytest.fixture(scope="module")

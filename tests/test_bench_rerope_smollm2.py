@@ -1,8 +1,6 @@
 """Smoke tests of benchmarks/rerope_smollm2_long_context.py on a tiny random Llama (the real run needs SmolLM2)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +8,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_ext import benchmarking
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rerope_smollm2_long_context.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_rerope_smollm2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmarking.load_benchmark("rerope_smollm2_long_context")
 
 
 def tiny_llama() -> LlamaForCausalLM:

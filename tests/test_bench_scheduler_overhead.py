@@ -6,7 +6,6 @@ FlowMatchEuler, DDPM and DDIM from the same start). Nothing asserts on wall-cloc
 loaded machine may miss a speed goal in quick mode.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,10 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(f"bench_{NAME}", BENCHMARKS / f"{NAME}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmarking.load_benchmark(NAME)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ which never touches RESULTS.md); the tests check the result's structure and its 
 wall-clock time or on a goal being met: a loaded machine may miss a speed goal in quick mode.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,10 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmarking.load_benchmark(name)
 
 
 def _assert_common_structure(result: dict, name: str) -> None:

@@ -1,8 +1,6 @@
 """Smoke tests of benchmarks/training_quality.py: the label-noising function and a tiny end-to-end run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +8,11 @@ import torch
 from hf_ext import benchmarking
 from hf_ext.assets import python_doc_files
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "training_quality.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_training_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmarking.load_benchmark("training_quality")
 
 
 def test_noisy_labels_replaces_the_fraction_and_never_ignored_positions(bench):
