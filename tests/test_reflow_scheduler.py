@@ -55,6 +55,19 @@ def test_euler_sampling_equals_flow_match_euler_with_a_unet(case):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("config", [dict(shift=3.0), dict(use_dynamic_shifting=True)], ids=["static", "dynamic"])
+def test_training_grid_before_set_timesteps_equals_flow_match_euler(config):
+    """diffusers' SD3/Flux training scripts draw noise levels from a fresh scheduler's timesteps and sigmas."""
+    ours, theirs = ReFlowScheduler(**config), FlowMatchEulerDiscreteScheduler(**config)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas)
+    assert ours.sigma_min == pytest.approx(theirs.sigma_min) and ours.sigma_max == theirs.sigma_max
+    data, noise = torch.randn(2, 4), torch.randn(2, 4)
+    t = ours.timesteps[[10, 700]]
+    sigma = ours.sigmas[[10, 700]][:, None]
+    torch.testing.assert_close(ours.scale_noise(data, t, noise), sigma * noise + (1 - sigma) * data)
+
+
 def test_default_grid_is_shifted_once_where_flow_match_euler_shifts_its_end_twice():
     """diffusers#13243: FlowMatchEuler's sigma_min is already shifted when set_timesteps shifts the grid again."""
     shift, n = 3.0, 8

@@ -162,6 +162,7 @@ def test_custom_betas_are_used():
 
 def test_bad_input_gets_clear_errors():
     scheduler = UDMScheduler()
+    assert scheduler.timesteps.tolist() == DDPMScheduler().timesteps.tolist()  # the training grid, as DDPM has
     with pytest.raises(ValueError, match="before set_timesteps"):
         scheduler.step(torch.zeros(1), 999, torch.zeros(1))
     scheduler.set_timesteps(10)

@@ -112,9 +112,14 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         if stochastic_sampling and solver == "heun":
             raise ValueError("stochastic_sampling=True works with solver='euler' only")
         self._shift = shift
-        self.num_inference_steps = None
-        self.timesteps = None
-        self.sigmas = None
+        self.num_inference_steps = None  # None until set_timesteps(): step() refuses to run before it
+        # The training grid, as FlowMatchEuler has at construction: diffusers' SD3/Flux training scripts index
+        # `timesteps` and `sigmas` of a freshly loaded scheduler to draw noise levels.
+        train_sigmas = np.linspace(1, num_train_timesteps, num_train_timesteps)[::-1] / num_train_timesteps
+        if not use_dynamic_shifting:
+            train_sigmas = flow.shift_sigmas(train_sigmas, shift)
+        self.sigmas = torch.from_numpy(train_sigmas.astype(np.float32))
+        self.timesteps = self.sigmas * num_train_timesteps
         self._step_index = None
         self._begin_index = None
         self._heun_state = None  # (sample, velocity, sigma) between Heun's two calls
@@ -266,7 +271,7 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         ``s_churn``, ``s_tmin``, ``s_tmax`` and ``s_noise`` are accepted for FlowMatchEuler's signature and, as
         there, unused.
         """
-        if self.timesteps is None:
+        if self.num_inference_steps is None:
             raise ValueError("ReFlowScheduler.step() called before set_timesteps(); call "
                              "scheduler.set_timesteps(num_inference_steps) first")
         if per_token_timesteps is not None:
@@ -313,7 +318,7 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         """
         T = self.config.num_train_timesteps
         timestep = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
-        if self._begin_index is not None and self.sigmas is not None:
+        if self._begin_index is not None and self.num_inference_steps is not None:
             index = self._step_index if self._step_index is not None else self._begin_index
             sigma = self.sigmas[index].to(sample.device).expand(timestep.shape[0])
         else:

@@ -132,7 +132,10 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         self.variance_preserving = not self.flow_schedule
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = None  # what a pipeline loops over (Heun: inner timesteps twice)
+        # What a pipeline loops over (Heun: inner timesteps twice). Until set_timesteps() it is the training grid, as
+        # in DDPM/DDIM; step() refuses to run before set_timesteps().
+        self.timesteps = torch.arange(num_train_timesteps, 0, -1) if self.flow_schedule else torch.arange(
+            num_train_timesteps - 1, -1, -1)
         self._schedule = None  # the distinct timesteps, in order
         self._schedule_values: list = []  # the same as Python numbers, for a cheap lookup in step()
         self._levels: dict[str, torch.Tensor] = {}  # per step: a², b² at t and at the step's target s
@@ -224,7 +227,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         return self._schedule[index + 1]
 
     def _index_for_timestep(self, timestep) -> int:
-        if self.timesteps is None:
+        if self._schedule is None:
             raise ValueError("UDMScheduler.step() called before set_timesteps(); call "
                              "scheduler.set_timesteps(num_inference_steps) first")
         if isinstance(timestep, torch.Tensor):
