@@ -65,6 +65,15 @@ def test_pairs_are_the_ode_ends_and_round_trip_through_safetensors(two_dimension
     assert torch.equal(loaded.noise, pairs.noise) and torch.equal(loaded.samples, pairs.samples)
 
 
+def test_pairs_from_a_plain_callable_velocity_model():
+    pairs = generate_reflow_pairs(lambda x, t: x - torch.tensor([3.0, -1.0]), 8, (2,), num_inference_steps=16,
+                                  **QUIET)
+    # dx/dσ = x − c solves to x(σ) = c + (z − c)·e^(σ−1), so σ = 0 is c + (z − c)/e
+    centre = torch.tensor([3.0, -1.0])
+    # 16 Heun steps whose last interval is an Euler step: error of order (1/16)²
+    torch.testing.assert_close(pairs.samples, centre + (pairs.noise - centre) / torch.e, atol=5e-3, rtol=0)
+
+
 def test_unet2d_trains_and_samples_through_a_diffusers_pipeline_loop():
     unet = tiny_unet(channels=1)
     images = torch.rand(64, 1, 8, 8) * 2 - 1

@@ -260,3 +260,13 @@ def test_heun_needs_eta_zero_and_the_steps_in_order():
     scheduler.step(x, 750, x)
     with pytest.raises(ValueError, match="Heun's corrector expected timestep 500, got 250"):
         scheduler.step(x, 250, x)
+
+
+def test_heun_honours_use_clipped_model_output_given_to_step():
+    """The step argument and the config field are the same switch, for Heun as for the first-order step."""
+    unet = tiny_unet()
+    by_config = sampling_loop(unet, UDMScheduler(solver="heun", use_clipped_model_output=False), 4)
+    by_argument = sampling_loop(unet, UDMScheduler(solver="heun"), 4, use_clipped_model_output=False)
+    clipped = sampling_loop(unet, UDMScheduler(solver="heun"), 4)
+    torch.testing.assert_close(by_argument, by_config, rtol=0, atol=0)
+    assert not torch.allclose(clipped, by_config)  # the random UNet's x̂0 is clipped, so the switch matters

@@ -61,12 +61,16 @@ def generate_reflow_pairs(model, num_pairs: int, sample_shape: tuple[int, ...], 
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_pairs, *sample_shape), generator=generator)
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    is_module = isinstance(model, torch.nn.Module)  # a plain callable velocity model works too
+    if device is None:
+        device = next(model.parameters()).device if is_module else noise.device
+    was_training = is_module and model.training
+    if is_module:
+        model.eval()
     samples = []
     for chunk in tqdm(noise.split(batch_size), desc="generating reflow pairs", disable=not show_progress):
         solution = solve_flow(model, chunk.to(device), num_inference_steps, solver, num_train_timesteps)
         samples.append(solution.samples.cpu())
-    model.train(was_training)
+    if is_module:
+        model.train(was_training)
     return ReflowPairs(noise, torch.cat(samples))

@@ -7,7 +7,6 @@ pipelines) and it predicts ``v = noise − data`` (see `hf_ext.ops.flow`).
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -72,7 +71,7 @@ def _solve_chunk(model, noise, num_steps, solver, num_train_timesteps, return_tr
                 trajectory.append(sample)
             if solver == "euler" or index % 2 == 0:
                 velocities.append(velocity)
-    sigmas = [*np.linspace(1.0, 1.0 / num_steps, num_steps).tolist(), 0.0]
+    sigmas = torch.unique_consecutive(scheduler.sigmas).tolist()  # Heun's grid lists its inner σ twice
     if not return_trajectory:
         return FlowSolution(samples=sample, sigmas=sigmas)
     return FlowSolution(samples=sample, trajectory=trajectory, sigmas=sigmas, velocities=velocities)

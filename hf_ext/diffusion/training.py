@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..ops import flow
 from .pairs import ReflowPairs
 from .sampling import predict_velocity
 
@@ -75,7 +76,7 @@ class FlowTrainingArguments:
                              "'cosine'")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of 'no', 'bf16', 'fp16'")
-        if self.resume_from_checkpoint and self.output_dir is None and self.resume_from_checkpoint is True:
+        if self.resume_from_checkpoint is True and self.output_dir is None:
             raise ValueError("resume_from_checkpoint=True needs output_dir (where the checkpoints are)")
 
 
@@ -91,11 +92,10 @@ class FlowTrainingResult:
 def rectified_flow_loss(model, data: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
                         num_train_timesteps: int = 1000) -> torch.Tensor:
     """Mean squared error between v(x_σ, σ·T) and noise − data; ``sigma`` is a tensor [batch]."""
-    shape = (-1, *([1] * (data.ndim - 1)))
-    noisy = sigma.reshape(shape) * noise + (1 - sigma.reshape(shape)) * data
+    noisy = flow.add_flow_noise(data, noise, sigma)
     velocity = predict_velocity(model, noisy, sigma * num_train_timesteps)
     dtype = torch.promote_types(velocity.dtype, torch.float32)  # bf16/fp16 outputs: the loss in fp32
-    return torch.nn.functional.mse_loss(velocity.to(dtype), (noise - data).to(dtype))
+    return torch.nn.functional.mse_loss(velocity.to(dtype), flow.flow_velocity_target(data, noise).to(dtype))
 
 
 def train_rectified_flow(model, dataset, args: FlowTrainingArguments, accelerator=None) -> FlowTrainingResult:

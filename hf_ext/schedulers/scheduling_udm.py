@@ -300,6 +300,8 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
 
         if self.config.solver == "heun" and (self._heun_state is not None or not is_last):
+            if use_clipped_model_output:  # the slope dy/dτ = ε̂, consistent with the (clipped) x̂0
+                noise_estimate = (sample - a_t * x0) / b_t
             return self._heun_step(index, sample, x0, noise_estimate, a_t, b_t, a_s, b_s, model_output.dtype,
                                    return_dict)
 
@@ -319,8 +321,6 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
     def _heun_step(self, index, sample, x0, noise_estimate, a_t, b_t, a_s, b_s, dtype, return_dict):
         """Heun on dy/dτ = ε̂ with y = x/a, τ = b/a: the predictor is the Euler (DDIM) step to s; the corrector,
         called at s with the model's output there, restarts from x_t with the mean of both ε̂."""
-        if self.config.use_clipped_model_output:
-            noise_estimate = (sample - a_t * x0) / b_t
         if self._heun_state is None:  # predictor: remember where we started
             self._heun_state = (sample, noise_estimate, a_t, b_t, self._schedule_values[index + 1])
             prev_sample = a_s * (sample / a_t) + (b_s - a_s * b_t / a_t) * noise_estimate
