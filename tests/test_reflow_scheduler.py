@@ -243,3 +243,10 @@ def test_trailing_spacing_takes_equal_steps_for_few_step_sampling():
     shifted.set_timesteps(4)
     np.testing.assert_allclose(shifted.sigmas[:-1].numpy(), shift_sigmas(np.array([1.0, 0.75, 0.5, 0.25]), 3.0),
                                rtol=1e-6)
+
+
+def test_stochastic_sampling_equals_flow_match_euler():
+    unet = tiny_unet()
+    ours = sampling_loop(unet, ReFlowScheduler(stochastic_sampling=True), 6)
+    theirs = sampling_loop(unet, FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), 6)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)

@@ -297,7 +297,7 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
             self._heun_state = None
         elif config.stochastic_sampling:
             noise = randn_tensor(work.shape, generator=generator, device=work.device, dtype=work.dtype)
-            prev_sample = (1.0 - sigma_next) * (work - sigma * velocity) + sigma_next * noise
+            prev_sample = flow.add_flow_noise(work - sigma * velocity, noise, sigma_next)  # re-noise the estimate
         else:
             prev_sample = flow.euler_step(work, velocity, sigma, sigma_next)
             if config.solver == "heun" and index + 1 < num_calls:
