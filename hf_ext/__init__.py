@@ -12,9 +12,10 @@ from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel, HfExtPreTra
 from .registry import register  # noqa: E402
 from . import convert, hub, losses, ops, optim, schedulers  # noqa: E402
 from .attention import rerope_config  # noqa: E402
+from .kv_cache import kv_cache_bytes_per_token  # noqa: E402
 
 __version__ = "0.1.0"
 
 register()
 
-__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "rerope_config", "convert", "hub", "losses", "ops", "optim", "schedulers", "__version__"]
+__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "rerope_config", "kv_cache_bytes_per_token", "convert", "hub", "losses", "ops", "optim", "schedulers", "__version__"]

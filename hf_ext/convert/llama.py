@@ -7,11 +7,10 @@ tensors with `assign=True`), so converting needs no second copy of the weights i
 
 import os
 
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..models.hfext import HfExtConfig, HfExtForCausalLM
-from ..models.hfext.modeling_hfext import HfExtRotaryEmbedding
+from ._common import build_hfext, load_source
 
 # model_type -> how its attention projections carry biases and whether heads are normalised.
 SUPPORTED_LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -100,35 +99,5 @@ def from_llama(model_or_path: PreTrainedModel | str | os.PathLike, **from_pretra
         >>> model = hf_ext.convert.from_llama("HuggingFaceTB/SmolLM2-135M")       # doctest: +SKIP
         >>> model.save_pretrained("smollm2-hfext")                                  # doctest: +SKIP
     """
-    if isinstance(model_or_path, (str, os.PathLike)):
-        source = AutoModelForCausalLM.from_pretrained(model_or_path, **from_pretrained_kwargs)
-    elif isinstance(model_or_path, PreTrainedModel):
-        if from_pretrained_kwargs:
-            raise TypeError(f"from_pretrained keyword arguments {sorted(from_pretrained_kwargs)} only apply to a path.")
-        source = model_or_path
-    else:
-        raise TypeError(
-            f"`model_or_path` must be a transformers PreTrainedModel or a path, got {type(model_or_path).__name__}."
-        )
-    config = hfext_config_from_llama(source.config)
-    state_dict = source.state_dict()
-    parameter = next(source.parameters())
-    config.dtype = parameter.dtype
-    with torch.device("meta"):
-        model = HfExtForCausalLM(config)
-    if config.tie_word_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(
-            f"The {config.model_type} conversion of a {source.config.model_type} checkpoint does not match: "
-            f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}."
-        )
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # The rotary tables are non-persistent buffers, still on meta: compute them for real.
-    model.model.rotary_emb = HfExtRotaryEmbedding(config).to(parameter.device)
-    model.generation_config = source.generation_config
-    model.set_attn_implementation(source.config._attn_implementation or "sdpa")
-    return model.eval()
+    source = load_source(model_or_path, from_pretrained_kwargs)
+    return build_hfext(hfext_config_from_llama(source.config), source.state_dict(), source)

@@ -17,6 +17,13 @@ HFEXT_LAYER_TYPES = ("full_attention", "sliding_attention")
 HFEXT_POSITION_ENCODINGS = ("rope", "none")
 # How RoPE layers treat distances beyond `rerope_window` at run time (see `rerope_mode`).
 HFEXT_REROPE_MODES = ("off", "rerope", "leaky_rerope")
+# What computes a layer's attention: `gqa` (grouped-query attention over per-head keys and values; MHA when
+# num_key_value_heads == num_attention_heads) or `mla` (multi-head latent attention, DeepSeek-V2: the cache holds a
+# low-rank latent and the rotary key instead of per-head keys and values).
+HFEXT_ATTENTION_TYPES = ("gqa", "mla")
+# How MLA layers compute attention: `expanded` up-projects the latents into per-head keys/values (training, prefill),
+# `absorbed` folds the up-projections into the query and the output (decoding), `auto` picks the cheaper per call.
+HFEXT_MLA_IMPLEMENTATIONS = ("auto", "expanded", "absorbed")
 
 
 def _describe(value) -> str:
@@ -74,6 +81,32 @@ class HfExtConfig(PreTrainedConfig):
             `rerope_window` are unaffected. Switch it between generations, not within one (the cache layout differs).
         rerope_window (`int`, *optional*): the kept distance w; defaults to `max_position_embeddings // 4`.
         rerope_leaky_factor (`float`): k of Leaky ReRoPE: beyond the window a token adds 1/k to the distance.
+        attention_types (`list[str]`, *optional*): per layer, `"gqa"` (the default: grouped-query attention with
+            per-head keys and values in the cache) or `"mla"` (multi-head latent attention: the cache holds a
+            `kv_lora_rank` latent and `mla_rope_key_heads` rotary keys per token).
+        kv_lora_rank (`int`, *optional*): width d_c of the cached key/value latent of MLA layers; at most
+            `hidden_size`. Required when a layer is `"mla"`.
+        q_lora_rank (`int`, *optional*): width of the query latent of MLA layers (query compression with an RMSNorm
+            in between, DeepSeek-V2/V3); `None` projects queries directly (DeepSeek-V2-Lite).
+        qk_nope_head_dim (`int`, *optional*): per-head query/key width without position encoding (0 allowed).
+            Defaults to `head_dim`.
+        qk_rope_head_dim (`int`, *optional*): per-head width of the decoupled rotary query/key; even, at most
+            `head_dim`, defaults to `head_dim`. MLA layers rotate with the first `qk_rope_head_dim // 2` frequencies
+            of the model's rotary table, which is computed for `head_dim` (so DeepSeek checkpoints, whose table is
+            computed for the rotary width, set `head_dim = qk_rope_head_dim`). The softmax scale of MLA layers is
+            `(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`, times YaRN's `mscale²` when `rope_parameters` has
+            `mscale_all_dim` (as DeepSeek computes it).
+        v_head_dim (`int`, *optional*): per-head value width of MLA layers. Defaults to `head_dim`.
+        mla_rope_key_heads (`int`): number of rotary keys per token; 1 is DeepSeek's single shared key, larger
+            values give one key per group of `num_attention_heads // mla_rope_key_heads` heads (what an exact
+            conversion of a GQA model needs). Must divide `num_attention_heads`.
+        kv_latent_norm (`bool`): RMSNorm on the key/value latent before caching (DeepSeek: True). Converted GQA
+            models set False, since their latent is a linear factor of the original projections.
+        rope_interleave (`bool`): rotary layout of the MLA rotary dims: True for interleaved pairs (x0, x1), (x2, x3)
+            as in DeepSeek checkpoints, False for rotate-half pairs (x_i, x_{i+d/2}) as in Llama.
+        mla_implementation (`str`): `"auto"` (default: per call, whichever of the two exact forms needs fewer
+            multiply-adds — the expanded form for training and prefill, the absorbed one for decoding),
+            `"expanded"` or `"absorbed"`.
     """
 
     model_type = "hf_ext"
@@ -124,6 +157,16 @@ class HfExtConfig(PreTrainedConfig):
     rerope_mode: str = "off"
     rerope_window: int | None = None
     rerope_leaky_factor: int | float = 16.0
+    attention_types: list[str] | None = None
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    mla_rope_key_heads: int = 1
+    kv_latent_norm: bool = True
+    rope_interleave: bool = False
+    mla_implementation: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
@@ -136,6 +179,12 @@ class HfExtConfig(PreTrainedConfig):
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         if self.position_encodings is None:
             self.position_encodings = ["rope"] * self.num_hidden_layers
+        if self.attention_types is None:
+            self.attention_types = ["gqa"] * self.num_hidden_layers
+        if "mla" in self.attention_types and isinstance(self.head_dim, int):
+            for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) is None:
+                    setattr(self, name, self.head_dim)
         if isinstance(self.logn_scaling, bool):
             self.logn_scaling = [self.logn_scaling] * self.num_hidden_layers
         if self.logn_training_length is None:
@@ -153,6 +202,7 @@ class HfExtConfig(PreTrainedConfig):
     def validate_architecture(self):
         self._validate_scalar_fields()
         self._validate_per_layer_fields()
+        self._validate_mla_fields()
 
     def validate_layer_type(self):
         """Covered by `validate_architecture` (transformers' version does not know which types this model allows)."""
@@ -187,7 +237,7 @@ class HfExtConfig(PreTrainedConfig):
     def _validate_per_layer_fields(self):
         n = self.num_hidden_layers
         per_layer = {"layer_types": self.layer_types, "position_encodings": self.position_encodings,
-                     "logn_scaling": self.logn_scaling}
+                     "logn_scaling": self.logn_scaling, "attention_types": self.attention_types}
         for name, values in per_layer.items():
             if len(values) != n:
                 raise ValueError(
@@ -196,6 +246,11 @@ class HfExtConfig(PreTrainedConfig):
         for i, kind in enumerate(self.layer_types):
             if kind not in HFEXT_LAYER_TYPES:
                 raise ValueError(f"`layer_types[{i}]` is {kind!r}; allowed values are {list(HFEXT_LAYER_TYPES)}.")
+        for i, kind in enumerate(self.attention_types):
+            if kind not in HFEXT_ATTENTION_TYPES:
+                raise ValueError(
+                    f"`attention_types[{i}]` is {kind!r}; allowed values are {list(HFEXT_ATTENTION_TYPES)}."
+                )
         for i, kind in enumerate(self.position_encodings):
             if kind not in HFEXT_POSITION_ENCODINGS:
                 raise ValueError(
@@ -223,5 +278,53 @@ class HfExtConfig(PreTrainedConfig):
                 f"got {self.logn_training_length}."
             )
 
+    def _validate_mla_fields(self):
+        if self.mla_implementation not in HFEXT_MLA_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`mla_implementation` is {self.mla_implementation!r}; allowed values are "
+                f"{list(HFEXT_MLA_IMPLEMENTATIONS)}."
+            )
+        if "mla" not in self.attention_types:
+            if self.mla_implementation == "absorbed":
+                raise ValueError(
+                    "`mla_implementation='absorbed'` applies to MLA layers, but `attention_types` has none; "
+                    "set some `attention_types` to 'mla' or leave `mla_implementation='auto'`."
+                )
+            return
+        if self.kv_lora_rank is None:
+            raise ValueError("`kv_lora_rank` is required when `attention_types` contains 'mla'.")
+        limits = {"kv_lora_rank": (1, self.hidden_size), "q_lora_rank": (1, self.hidden_size),
+                  "qk_nope_head_dim": (0, None), "qk_rope_head_dim": (0, self.head_dim), "v_head_dim": (1, None),
+                  "mla_rope_key_heads": (1, self.num_attention_heads)}
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if value is None and name == "q_lora_rank":
+                continue
+            allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+            if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+                why = {"kv_lora_rank": " (the latent is a projection of the hidden state, so it has rank at most "
+                                       "hidden_size)",
+                       "q_lora_rank": " (or None for an uncompressed query)",
+                       "qk_rope_head_dim": " (the rotary frequencies come from the head_dim table)"}.get(name, "")
+                raise ValueError(f"`{name}` must be an integer in {allowed}{why} for MLA layers, got {_describe(value)}.")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"`qk_rope_head_dim` must be even (rotary pairs), got {self.qk_rope_head_dim}.")
+        if self.qk_nope_head_dim + self.qk_rope_head_dim == 0:
+            raise ValueError("`qk_nope_head_dim + qk_rope_head_dim` must be positive: MLA queries and keys need a width.")
+        if self.num_attention_heads % self.mla_rope_key_heads:
+            raise ValueError(
+                f"`mla_rope_key_heads` ({self.mla_rope_key_heads}) must divide `num_attention_heads` "
+                f"({self.num_attention_heads}); allowed values are its divisors "
+                f"{[d for d in range(1, self.num_attention_heads + 1) if self.num_attention_heads % d == 0]}."
+            )
+        if self.qk_norm:
+            raise ValueError("`qk_norm=True` is not supported with MLA layers (`attention_types` contains 'mla').")
+        if self.rerope_mode != "off":
+            raise ValueError(
+                f"`rerope_mode={self.rerope_mode!r}` is not supported with MLA layers; use 'off' with "
+                "`attention_types` containing 'mla'."
+            )
 
-__all__ = ["HfExtConfig", "HFEXT_LAYER_TYPES", "HFEXT_POSITION_ENCODINGS", "HFEXT_REROPE_MODES"]
+
+__all__ = ["HfExtConfig", "HFEXT_ATTENTION_TYPES", "HFEXT_LAYER_TYPES", "HFEXT_MLA_IMPLEMENTATIONS",
+           "HFEXT_POSITION_ENCODINGS", "HFEXT_REROPE_MODES"]

@@ -5,7 +5,9 @@ One forward pass reads top to bottom: embeddings -> rotary table -> per-layer ma
 
 * the attention span (`layer_types`: full, or sliding window with its own cache layer),
 * the position encoding (`position_encodings`: RoPE or none),
-* log-n query scaling (`logn_scaling`).
+* log-n query scaling (`logn_scaling`),
+* the attention mechanism (`attention_types`: grouped-query attention, or multi-head latent attention whose cache
+  holds a low-rank latent; see mla_hfext.py).
 
 With the default config it computes exactly what `LlamaForCausalLM` computes, with the same parameter names.
 
@@ -30,6 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hfext import HfExtConfig
+from .mla_hfext import absorbed_attention_with_weights, causal_bool_mask, rotate_interleaved, yarn_softmax_scale
 from .ops_hfext import apply_rotary, logn_query_scale, repeat_kv
 from .rerope_hfext import (
     check_query_positions,
@@ -257,11 +260,166 @@ class HfExtAttention(nn.Module):
                                 self.scaling, sliding_window=self.sliding_window)
 
 
+class HfExtMLAttention(nn.Module):
+    """Multi-head latent attention with DeepSeek-V2/V3 parameter names (so DeepSeek weights load as they are):
+    `q_proj` or `q_a_proj → q_a_layernorm → q_b_proj`; `kv_a_proj_with_mqa` → [latent | rotary keys];
+    `kv_a_layernorm` on the latent; `kv_b_proj` (W_UK and W_UV stacked per head); `o_proj`.
+
+    The cache layer holds the latent as "keys" [b, 1, t, d_c] and the rotary keys as "values" [b, g, t, d_r].
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        self.uses_rope = config.position_encodings[layer_idx] == "rope"
+        self.num_heads = config.num_attention_heads
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.rope_key_heads = config.mla_rope_key_heads
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.num_key_value_groups = 1  # the attention interface gets per-head keys and values
+        self.scaling = yarn_softmax_scale(config.rope_parameters or {}, self.qk_head_dim)
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        hidden, heads = config.hidden_size, self.num_heads
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * self.qk_head_dim, bias=config.attention_bias)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = HfExtRMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        if config.kv_latent_norm:
+            self.kv_a_layernorm = HfExtRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=config.attention_output_bias)
+
+    def uses_rerope(self) -> bool:
+        if self.config.rerope_mode != "off":
+            raise ValueError(
+                f"`rerope_mode={self.config.rerope_mode!r}` is not supported by MLA layers (layer {self.layer_idx}); "
+                "set it back to 'off'."
+            )
+        return False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, q_len = hidden_states.shape[:2]
+        q_nope, q_rope = self._queries(hidden_states, position_ids)
+        c_kv, k_rope = self._latents(hidden_states)
+        if self.uses_rope and self.qk_rope_head_dim:
+            q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
+        if past_key_values is not None:
+            c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.use_absorbed(q_len, c_kv.shape[2]):
+            weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+            w_uk, w_uv = weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+            mask = attention_mask if attention_mask is not None or q_len == 1 else causal_bool_mask(
+                q_len, c_kv.shape[2], c_kv.device)
+            attn_output, attn_weights = absorbed_attention_with_weights(
+                q_nope, q_rope, c_kv[:, 0], k_rope, w_uk, w_uv, self.scaling, mask, dropout)
+            attn_output = attn_output.transpose(1, 2)
+        else:
+            attn_output, attn_weights = self._expanded(q_nope, q_rope, c_kv, k_rope, attention_mask, dropout,
+                                                       position_ids, **kwargs)
+        return self.o_proj(attn_output.reshape(batch, q_len, -1)), attn_weights
+
+    def _queries(self, hidden_states, position_ids):
+        if self.q_lora_rank is None:
+            queries = self.q_proj(hidden_states)
+        else:
+            queries = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        batch, q_len = hidden_states.shape[:2]
+        queries = queries.view(batch, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        if self.config.logn_scaling[self.layer_idx]:  # a per-query scalar: it commutes with every projection
+            factor = logn_query_scale(position_ids, self.config.logn_training_length, self.config.logn_clip_min,
+                                      self.sliding_window)
+            queries = queries * factor[:, None, :, None].to(queries.dtype)
+        return queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+    def _latents(self, hidden_states):
+        """The cached quantities: latent [b, 1, s, d_c] (normalised if `kv_latent_norm`), rotary keys [b, g, s, d_r]."""
+        batch, q_len = hidden_states.shape[:2]
+        c_kv, k_rope = self.kv_a_proj_with_mqa(hidden_states).split(
+            [self.kv_lora_rank, self.rope_key_heads * self.qk_rope_head_dim], dim=-1)
+        if self.config.kv_latent_norm:
+            c_kv = self.kv_a_layernorm(c_kv)
+        k_rope = k_rope.view(batch, q_len, self.rope_key_heads, self.qk_rope_head_dim).transpose(1, 2)
+        return c_kv.view(batch, 1, q_len, self.kv_lora_rank), k_rope
+
+    def _rotate(self, q_rope, k_rope, position_embeddings):
+        cos, sin = position_embeddings
+        if cos.shape[-1] != self.qk_rope_head_dim:  # the first qk_rope_head_dim / 2 frequencies of the table
+            half, keep = cos.shape[-1] // 2, self.qk_rope_head_dim // 2
+            cos = torch.cat([cos[..., :keep], cos[..., half: half + keep]], dim=-1)
+            sin = torch.cat([sin[..., :keep], sin[..., half: half + keep]], dim=-1)
+        rotate = rotate_interleaved if self.config.rope_interleave else apply_rotary
+        return rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
+
+    def use_absorbed(self, q_len: int, kv_len: int) -> bool:
+        """Whether this call runs the absorbed form: `mla_implementation`, or for "auto" the form with fewer
+        multiply-adds per head (the expansion costs kv_len·d_c·(d_nope + d_v) whatever the query length)."""
+        mode = self.config.mla_implementation
+        absorbable = type(self.kv_b_proj) is nn.Linear
+        if mode == "absorbed" and not absorbable:
+            raise ValueError(
+                f"`mla_implementation='absorbed'` needs `kv_b_proj` to be a plain nn.Linear to fold its weight into "
+                f"the query and output, but layer {self.layer_idx} has {type(self.kv_b_proj).__name__} (an adapter?); "
+                "use 'auto' or 'expanded', or merge the adapter first."
+            )
+        if mode != "auto":
+            return mode == "absorbed"
+        d_c, d_nope, d_rope, d_v = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        expanded = kv_len * d_c * (d_nope + d_v) + q_len * kv_len * (d_nope + d_rope + d_v)
+        absorbed = q_len * d_c * (d_nope + d_v) + q_len * kv_len * (2 * d_c + d_rope)
+        return absorbable and absorbed < expanded
+
+    def _expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, dropout, position_ids, **kwargs):
+        batch, _, kv_len, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv[:, 0]).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)
+        k_nope, values = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_rope = k_rope.repeat_interleave(self.num_heads // self.rope_key_heads, dim=1) if self.rope_key_heads > 1 \
+            else k_rope.expand(-1, self.num_heads, -1, -1)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            torch.cat([q_nope, q_rope], dim=-1),
+            torch.cat([k_nope, k_rope], dim=-1),
+            values,
+            attention_mask,
+            dropout=dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            position_ids=position_ids,
+            **kwargs,
+        )
+
+
 class HfExtDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HfExtConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
-        self.self_attn = HfExtAttention(config, layer_idx)
+        attention_class = HfExtMLAttention if config.attention_types[layer_idx] == "mla" else HfExtAttention
+        self.self_attn = attention_class(config, layer_idx)
         self.mlp = HfExtMLP(config)
         self.input_layernorm = HfExtRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = HfExtRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -303,7 +461,7 @@ class HfExtPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _can_compile_fullgraph = False
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": HfExtDecoderLayer, "attentions": HfExtAttention}
+    _can_record_outputs = {"hidden_states": HfExtDecoderLayer, "attentions": [HfExtAttention, HfExtMLAttention]}
 
     # Set by the installed hf_ext package (`hf_ext.hub.push_with_model_card`) so that `push_to_hub` uploads the
     # model card rendered from hf_ext's template. The copy of this file that travels with a checkpoint leaves it
