@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import hybrid_config
 from fake_hub import FakeHub
@@ -14,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hf_ext
 
 
-def _model_and_ids():
-    model = AutoModelForCausalLM.from_config(hybrid_config()).eval()
+def _model_and_ids(**config_overrides):
+    model = AutoModelForCausalLM.from_config(hybrid_config(**config_overrides)).eval()
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(7))
     return model, ids
 
@@ -24,7 +25,7 @@ def test_save_and_load_give_identical_logits(tmp_path):
     model, ids = _model_and_ids()
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.py")) == [
-        "configuration_hfext.py", "modeling_hfext.py", "ops_hfext.py", "rerope_hfext.py"]
+        "configuration_hfext.py", "mla_hfext.py", "modeling_hfext.py", "ops_hfext.py", "rerope_hfext.py"]
     assert not list(tmp_path.glob("*.bin")), "weights must be safetensors only"
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hfext.HfExtForCausalLM"
@@ -35,8 +36,10 @@ def test_save_and_load_give_identical_logits(tmp_path):
     torch.testing.assert_close(reloaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
 
 
-def test_trust_remote_code_loads_where_hf_ext_is_not_importable(tmp_path):
-    model, ids = _model_and_ids()
+@pytest.mark.parametrize("overrides", [{}, {"attention_types": ["mla", "gqa", "mla"], "kv_lora_rank": 16,
+                                              "q_lora_rank": 24, "rope_interleave": True}], ids=["gqa", "mla"])
+def test_trust_remote_code_loads_where_hf_ext_is_not_importable(tmp_path, overrides):
+    model, ids = _model_and_ids(**overrides)
     model.save_pretrained(tmp_path / "checkpoint")
     torch.save(ids, tmp_path / "ids.pt")
     torch.save(model(ids).logits.detach(), tmp_path / "expected.pt")
