@@ -308,6 +308,52 @@ def extrapolate(run: DemoRun) -> None:
     run.report["extrapolation"] = {"training_length": size, "lengths": lengths, **results}
 
 
+def convert_to_mla(run: DemoRun) -> None:
+    """GQA → MLA: the trained model converted exactly and compressed, with its cache size and decode speed.
+
+    `to_mla` with its defaults keeps every rotary dimension and the full key/value rank, so the logits do not change;
+    the compressed setting keeps half the rotary dimensions and a smaller latent (activation-aware, calibrated on
+    training blocks, no fine-tuning). Decode speed: greedy tokens after a `long_text` prompt, MLA decoding in the
+    absorbed form against the same MLA model forced to the expanded form (which re-expands the whole latent cache
+    at every step, as transformers' DeepSeek attention does) and against the original GQA model.
+    """
+    from .convert import to_mla
+    from .kv_cache import kv_cache_bytes_per_token
+
+    model = run.artifacts["model"].eval()
+    config, settings = model.config, run.settings
+    eval_blocks = run.artifacts["eval_blocks"]
+    calibration = torch.tensor(run.artifacts["train_blocks"][:16]["input_ids"])
+    exact = to_mla(model)
+    compressed = to_mla(model, qk_rope_head_dim=config.head_dim // 2, kv_lora_rank=config.num_key_value_heads *
+                        config.head_dim * 3 // 4, calibration_input_ids=calibration)
+    probe = torch.tensor(eval_blocks[:2]["input_ids"])
+    with torch.no_grad():
+        exact_gap = (exact(probe).logits - model(probe).logits).abs().max().item()
+    report = {"exact_max_abs_logit_difference": exact_gap,
+              "kv_bytes_per_token_bf16": {"gqa": kv_cache_bytes_per_token(config, torch.bfloat16),
+                                          "mla_exact": kv_cache_bytes_per_token(exact.config, torch.bfloat16),
+                                          "mla_compressed": kv_cache_bytes_per_token(compressed.config, torch.bfloat16)},
+              "compressed_setting": {"qk_rope_head_dim": compressed.config.qk_rope_head_dim,
+                                     "kv_lora_rank": compressed.config.kv_lora_rank},
+              "eval_loss": {"gqa": _mean_loss(model, eval_blocks, settings.batch_size),
+                            "mla_compressed": _mean_loss(compressed, eval_blocks, settings.batch_size)}}
+    prompt = torch.tensor(run.artifacts["long_text"])[None]
+    new = settings.new_tokens
+    speeds = {}
+    for name, candidate, implementation in [("gqa", model, None), ("mla_absorbed", compressed, "auto"),
+                                            ("mla_expanded", compressed, "expanded")]:
+        if implementation:
+            candidate.config.mla_implementation = implementation
+        started = time.perf_counter()
+        candidate.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=config.pad_token_id)
+        speeds[name] = new / (time.perf_counter() - started)
+    compressed.config.mla_implementation = "auto"
+    report["decode_tokens_per_second"] = {"context": prompt.shape[1], **speeds}
+    run.report["mla"] = report
+
+
 def reflow_2d(run: DemoRun) -> None:
     """Rectified flow and reflow on a 2-D mixture of 8 Gaussians, with a picture.
 
@@ -387,6 +433,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("generate", generate),
     DemoStep("LoRA-GA fine-tuning", lora_ga_finetune),
     DemoStep("length extrapolation", extrapolate),
+    DemoStep("convert to MLA", convert_to_mla),
     DemoStep("reflow (2-D)", reflow_2d),
 ]
 
@@ -423,6 +470,19 @@ def format_report(report: dict) -> str:
             f"  extrapolation: loss on the same {short} tokens with {long} tokens of context (trained on {short}): "
             f"RoPE {ex[f'rope_loss_at_{short}']:.3f} -> {ex[f'rope_loss_at_{long}']:.3f}, "
             f"ReRoPE {ex[f'rerope_loss_at_{short}']:.3f} -> {ex[f'rerope_loss_at_{long}']:.3f}"
+        )
+    if "mla" in report:
+        mla = report["mla"]
+        kv, speed, loss = mla["kv_bytes_per_token_bf16"], mla["decode_tokens_per_second"], mla["eval_loss"]
+        lines.append(
+            f"  MLA          : exact conversion max |Δlogit| {mla['exact_max_abs_logit_difference']:.1e}; KV bytes/token "
+            f"(bf16) GQA {kv['gqa']:,}, MLA exact {kv['mla_exact']:,}, compressed {kv['mla_compressed']:,} "
+            f"({kv['mla_compressed'] / kv['gqa']:.0%}); eval loss {loss['gqa']:.3f} -> {loss['mla_compressed']:.3f} "
+            f"(compressed, no fine-tuning)"
+        )
+        lines.append(
+            f"                 decode after {speed['context']} tokens: MLA absorbed {speed['mla_absorbed']:.1f} tokens/s, "
+            f"re-expanding {speed['mla_expanded']:.1f}, GQA {speed['gqa']:.1f}"
         )
     if "reflow" in report:
         flow = report["reflow"]

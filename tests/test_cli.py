@@ -51,6 +51,12 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     assert "LoRA-GA      : rank 8" in printed
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert reloaded.config.model_type == "hf_ext"
+    mla = report["mla"]
+    assert mla["exact_max_abs_logit_difference"] < 1e-4
+    kv = mla["kv_bytes_per_token_bf16"]
+    assert kv["mla_exact"] == kv["gqa"] and kv["mla_compressed"] < kv["gqa"]
+    assert set(mla["decode_tokens_per_second"]) == {"context", "gqa", "mla_absorbed", "mla_expanded"}
+    assert "MLA          : exact conversion max |Δlogit|" in printed
     reflow = report["reflow"]
     assert reflow["2-RF"]["straightness"] < 0.1 * reflow["1-RF"]["straightness"]
     assert reflow["2-RF"]["distance_by_steps"]["1"] < 0.5 * reflow["1-RF"]["distance_by_steps"]["1"]
