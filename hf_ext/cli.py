@@ -80,7 +80,16 @@ def _convert(args) -> int:
         print(f"error: output_dir {output} is not empty; pass --overwrite to replace its files", file=sys.stderr)
         return 2
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = hf_ext.convert.from_llama(args.source, **kwargs)
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(args.source, **kwargs).model_type
+    if args.to_mla:
+        model = hf_ext.convert.to_mla(args.source, kv_lora_rank=args.kv_lora_rank,
+                                      qk_rope_head_dim=args.qk_rope_head_dim, **kwargs)
+    elif model_type in hf_ext.convert.SUPPORTED_DEEPSEEK_FAMILIES:
+        model = hf_ext.convert.from_deepseek(args.source, **kwargs)
+    else:
+        model = hf_ext.convert.from_llama(args.source, **kwargs)
     model.save_pretrained(output)
     try:  # carry the tokenizer along when the source has one
         from transformers import AutoTokenizer
@@ -88,7 +97,8 @@ def _convert(args) -> int:
         AutoTokenizer.from_pretrained(args.source, **kwargs).save_pretrained(output)
     except (OSError, ValueError):
         pass
-    print(f"saved HfExt checkpoint to {output} ({model.config.num_hidden_layers} layers)")
+    kinds = sorted(set(model.config.attention_types))
+    print(f"saved HfExt checkpoint to {output} ({model.config.num_hidden_layers} layers, attention {', '.join(kinds)})")
     return 0
 
 
@@ -134,13 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench)
 
     convert = commands.add_parser(
-        "convert", help="Llama / Mistral / Qwen2 / Qwen3 / SmolLM checkpoint -> HfExt checkpoint",
+        "convert", help="Llama / Mistral / Qwen2 / Qwen3 / SmolLM / dense DeepSeek-V2/V3 checkpoint -> HfExt checkpoint",
         description="Convert a Llama / Mistral / Qwen2 / Qwen3 / SmolLM checkpoint (folder or Hub id) into an "
                     "HfExt checkpoint with the same logits, saved with its tokenizer.")
     convert.add_argument("source", help="folder or Hub id of the source checkpoint")
     convert.add_argument("output_dir", help="folder to write the HfExt checkpoint to")
     convert.add_argument("--gguf-file", help="GGUF file name inside SOURCE, if the checkpoint is GGUF")
     convert.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output_dir")
+    convert.add_argument("--to-mla", action="store_true",
+                         help="convert the GQA attention to MLA (hf_ext.convert.to_mla; exact with the defaults)")
+    convert.add_argument("--kv-lora-rank", type=int, help="with --to-mla: width of the cached latent")
+    convert.add_argument("--qk-rope-head-dim", type=int, help="with --to-mla: rotary dimensions kept per head")
     convert.set_defaults(handler=_convert)
     return parser
 

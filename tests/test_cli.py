@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_ext.assets import python_doc_files
 from hf_ext.cli import main
@@ -79,6 +79,28 @@ def test_convert_command_writes_a_loadable_checkpoint(tmp_path):
     torch.testing.assert_close(converted(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
     # a non-empty output folder is never overwritten silently
     assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "hfext")]) == 2
+    # GQA -> MLA, exact with the defaults; compressed with options
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "mla"), "--to-mla"]) == 0
+    mla = AutoModelForCausalLM.from_pretrained(tmp_path / "mla").eval()
+    assert mla.config.attention_types == ["mla", "mla"]
+    torch.testing.assert_close(mla(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "small"), "--to-mla", "--kv-lora-rank", "8",
+                 "--qk-rope-head-dim", "4"]) == 0
+    small = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "small"))
+    assert (small.config.kv_lora_rank, small.config.qk_rope_head_dim) == (8, 4)
+
+
+def test_convert_command_recognises_deepseek_checkpoints(tmp_path):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    source = DeepseekV3ForCausalLM(DeepseekV3Config(vocab_size=50, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, first_k_dense_replace=2)).eval()
+    source.save_pretrained(tmp_path / "deepseek")
+    assert main(["convert", str(tmp_path / "deepseek"), str(tmp_path / "hfext")]) == 0
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hfext").eval()
+    ids = torch.randint(0, 50, (1, 7))
+    torch.testing.assert_close(converted(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_bench_lists_the_benchmarks(capsys):
