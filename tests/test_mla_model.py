@@ -216,6 +216,16 @@ def test_eager_and_sdpa_agree_and_attentions_can_be_returned():
     assert out.attentions[2][0, :, 11, :7].abs().max() == 0
 
 
+@pytest.mark.parametrize("v_head_dim", [12, 16, 24], ids=["v_narrower", "v_equal", "v_wider"])
+def test_sdpa_with_padded_widths_equals_eager(v_head_dim):
+    """sdpa gets values (or queries and keys) zero-padded to one width; the result must not change."""
+    model = build(deepseek_style(v_head_dim=v_head_dim), "eager", torch.float64)
+    sdpa = twin(model)
+    sdpa.set_attn_implementation("sdpa")
+    ids = random_ids(2, 12)
+    torch.testing.assert_close(sdpa(ids).logits, model(ids).logits, rtol=0, atol=1e-10)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training paths, precision, adapters
 

@@ -397,13 +397,23 @@ class HfExtMLAttention(nn.Module):
         k_nope, values = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_rope = k_rope.repeat_interleave(self.num_heads // self.rope_key_heads, dim=1) if self.rope_key_heads > 1 \
             else k_rope.expand(-1, self.num_heads, -1, -1)
+        queries, keys = torch.cat([q_nope, q_rope], dim=-1), torch.cat([k_nope, k_rope], dim=-1)
+        padding = 0
+        if self.config._attn_implementation == "sdpa" and self.v_head_dim != self.qk_head_dim:
+            # torch's fused CPU attention needs equal query/key and value widths; otherwise it falls back to a kernel
+            # that holds all L×L scores (4× slower at 2k tokens). Zero columns change neither scores nor outputs.
+            padding = self.qk_head_dim - self.v_head_dim
+            if padding > 0:
+                values = nn.functional.pad(values, (0, padding))
+            else:
+                queries, keys = nn.functional.pad(queries, (0, -padding)), nn.functional.pad(keys, (0, -padding))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        return attention_interface(
+        attn_output, attn_weights = attention_interface(
             self,
-            torch.cat([q_nope, q_rope], dim=-1),
-            torch.cat([k_nope, k_rope], dim=-1),
+            queries,
+            keys,
             values,
             attention_mask,
             dropout=dropout,
@@ -412,6 +422,9 @@ class HfExtMLAttention(nn.Module):
             position_ids=position_ids,
             **kwargs,
         )
+        if padding > 0:
+            attn_output = attn_output[..., : self.v_head_dim]
+        return attn_output, attn_weights
 
 
 class HfExtDecoderLayer(GradientCheckpointingLayer):
