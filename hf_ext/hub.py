@@ -39,12 +39,19 @@ def preset_path(name: str) -> Path:
 
 
 def layer_scheme_rows(config) -> list[dict]:
-    """One row per decoder layer: its attention span, window, position encoding and log-n scaling."""
+    """One row per decoder layer: its mechanism (GQA or MLA, with what it caches), span, window, position encoding
+    and log-n scaling."""
     rows = []
     for i in range(config.num_hidden_layers):
         sliding = config.layer_types[i] == "sliding_attention"
+        if config.attention_types[i] == "mla":
+            mechanism = (f"MLA: latent {config.kv_lora_rank} + {config.mla_rope_key_heads}×{config.qk_rope_head_dim} "
+                         "rotary cached")
+        else:
+            mechanism = f"GQA: {config.num_key_value_heads} KV heads × {config.head_dim} cached"
         rows.append({
             "index": i,
+            "mechanism": mechanism,
             "layer_type": config.layer_types[i],
             "window": config.sliding_window if sliding else "all previous tokens",
             "position_encoding": config.position_encodings[i],

@@ -74,11 +74,23 @@ def test_push_to_hub_uploads_weights_code_and_model_card(tmp_path):
     assert {"README.md", "config.json", "model.safetensors", "modeling_hfext.py", "configuration_hfext.py"} <= set(commit.files)
     card = (hub.repo_dir("me/tiny-hybrid") / "README.md").read_text()
     assert "library_name: transformers" in card and "hf_ext" in card
-    assert "| 1 | full_attention | all previous tokens | none | yes |" in card  # the per-layer scheme
-    assert "| 0 | sliding_attention | 5 | rope | no |" in card
+    # the per-layer scheme
+    assert "| 1 | GQA: 2 KV heads × 16 cached | full_attention | all previous tokens | none | yes |" in card
+    assert "| 0 | GQA: 2 KV heads × 16 cached | sliding_attention | 5 | rope | no |" in card
     assert 'from_pretrained("me/tiny-hybrid", trust_remote_code=True)' in card
     reloaded = AutoModelForCausalLM.from_pretrained(hub.repo_dir("me/tiny-hybrid")).eval()
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_push_to_hub_of_an_mla_model_describes_its_cache(tmp_path):
+    model, _ = _model_and_ids(attention_types=["mla", "gqa", "mla"], kv_lora_rank=16, qk_rope_head_dim=8)
+    with FakeHub(tmp_path / "hub") as hub:
+        model.push_to_hub("me/tiny-mla")
+    (commit,) = hub.commits
+    assert {"modeling_hfext.py", "mla_hfext.py"} <= set(commit.files)
+    card = (hub.repo_dir("me/tiny-mla") / "README.md").read_text()
+    assert "| 0 | MLA: latent 16 + 1×8 rotary cached | sliding_attention | 5 | rope | no |" in card
+    assert "| 1 | GQA: 2 KV heads × 16 cached | full_attention |" in card
 
 
 def test_push_to_hub_keeps_a_hand_written_card(tmp_path):
