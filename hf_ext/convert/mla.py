@@ -84,7 +84,7 @@ def _layer_inputs_gram(model: HfExtForCausalLM, input_ids: torch.Tensor, with_bi
                for i, layer in enumerate(model.model.layers)]
     try:
         with torch.no_grad():
-            model(input_ids=input_ids.to(model.device), use_cache=False)
+            model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)  # only the inputs matter
     finally:
         for handle in handles:
             handle.remove()
