@@ -108,3 +108,35 @@ def test_batch_rows_equal_single_sequences_and_decoding_needs_no_state():
 def test_bad_layouts_and_grids_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_sections_assignment_equals_qwen2_vl_rotary_tables():
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    from hf_ext.models.hfext.positions_hfext import multi_axis_angles
+
+    config = Qwen2VLConfig(text_config={"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                            "mrope_section": [4, 6, 6]}})
+    rotary = Qwen2VLRotaryEmbedding(config.get_text_config())
+    positions = build_position_ids(torch.tensor([[False, False, True, True, True, True, True, True, False]] * 2),
+                                   [[(2, 3)], [(3, 2)]], "mrope")
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions.long())
+    angles = multi_axis_angles(positions, rotary.inv_freq, "sections", [4, 6, 6])
+    assert torch.equal(torch.cat([angles, angles], -1).cos(), cos)
+    assert torch.equal(torch.cat([angles, angles], -1).sin(), sin)
+
+
+def test_interleaved_assignment_follows_axis_f_mod_axes_and_is_rope_1d_on_text():
+    from hf_ext.models.hfext.positions_hfext import multi_axis_angles
+
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    positions = segment_positions(EXAMPLE, "rope_tie_v2")[:, None]  # [2, 1, 11]
+    angles = multi_axis_angles(positions, inv_freq)
+    torch.testing.assert_close(angles[0, :, 0::2], positions[0, 0, :, None] * inv_freq[0::2], rtol=0, atol=0)
+    torch.testing.assert_close(angles[0, :, 1::2], positions[1, 0, :, None] * inv_freq[1::2], rtol=0, atol=0)
+    text = segment_positions([9], "rope_tie_v2")[:, None]
+    torch.testing.assert_close(multi_axis_angles(text, inv_freq)[0], text[0, 0, :, None] * inv_freq, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`sections` must be non-negative block sizes summing to the 8"):
+        multi_axis_angles(positions, inv_freq, "sections", [3, 3])

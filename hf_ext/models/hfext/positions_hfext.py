@@ -135,3 +135,30 @@ def build_position_ids(image_token_mask: torch.Tensor, image_grids: list, layout
             raise ValueError(f"row {row}: {len(unused)} image grid(s) {unused} left without patch tokens.")
         positions[:, row, kept] = segment_positions(segments, layout)
     return positions
+
+
+FREQUENCY_ASSIGNMENTS = ("interleaved", "sections")
+
+
+def multi_axis_angles(positions: torch.Tensor, inv_freq: torch.Tensor, assignment: str = "interleaved",
+                      sections: list[int] | None = None) -> torch.Tensor:
+    """Rotary angles [batch, seq, d/2] when frequency f follows one axis of the positions [axes, batch, seq].
+
+    `assignment="interleaved"` (RoPE-Tie): frequency f follows axis f mod axes, so text (equal axes) gets exactly
+    RoPE-1D. `assignment="sections"` (Qwen2-VL M-RoPE): contiguous blocks of `sections` frequencies, block i following
+    axis i mod axes. Angles are computed in `inv_freq`'s dtype, as transformers' rotary modules do; build the tables
+    as cos/sin of cat(angles, angles).
+    """
+    if assignment not in FREQUENCY_ASSIGNMENTS:
+        raise ValueError(f"unknown frequency assignment {assignment!r}; allowed: {list(FREQUENCY_ASSIGNMENTS)}.")
+    axes, count = positions.shape[0], inv_freq.shape[0]
+    if assignment == "interleaved":
+        axis_of_frequency = torch.arange(count) % axes
+    else:
+        if sections is None or sum(sections) != count or any(s < 0 for s in sections):
+            raise ValueError(f"`sections` must be non-negative block sizes summing to the {count} rotary frequencies, "
+                             f"got {sections!r}.")
+        axis_of_frequency = torch.cat([torch.full((size,), i % axes) for i, size in enumerate(sections)])
+    angles = positions.to(inv_freq.dtype)[..., None] * inv_freq  # [axes, batch, seq, d/2]
+    index = axis_of_frequency.to(positions.device).expand(*angles.shape[1:3], count)[None]
+    return angles.gather(0, index)[0]
