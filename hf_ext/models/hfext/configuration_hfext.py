@@ -300,13 +300,13 @@ class HfExtConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is None and name == "q_lora_rank":
                 continue
-            allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+            allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
             if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
                 why = {"kv_lora_rank": " (the latent is a projection of the hidden state, so it has rank at most "
                                        "hidden_size)",
                        "q_lora_rank": " (or None for an uncompressed query)",
                        "qk_rope_head_dim": " (the rotary frequencies come from the head_dim table)"}.get(name, "")
-                raise ValueError(f"`{name}` must be an integer in {allowed}{why} for MLA layers, got {_describe(value)}.")
+                raise ValueError(f"`{name}` must be an integer {allowed}{why} for MLA layers, got {_describe(value)}.")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"`qk_rope_head_dim` must be even (rotary pairs), got {self.qk_rope_head_dim}.")
         if self.qk_nope_head_dim + self.qk_rope_head_dim == 0:
