@@ -128,7 +128,7 @@ def test_cache_holds_only_the_latent_and_the_rotary_keys(make_config):
     for kind, layer in zip(config.attention_types, out.past_key_values.layers):
         if kind == "mla":
             assert layer.keys.shape == (2, 1, 4, config.kv_lora_rank)
-            assert layer.values.shape == (2, config.mla_rope_key_heads, 4, config.qk_rope_head_dim)
+            assert layer.values.shape == (2, 1, 4, config.mla_rope_key_heads * config.qk_rope_head_dim)
     held = sum(layer.keys.numel() + layer.values.numel() for layer in out.past_key_values.layers) * 4
     assert held / (2 * 4) == hf_ext.kv_cache_bytes_per_token(config, dtype=torch.float32)
     per_layer = hf_ext.kv_cache_bytes_per_token(config, dtype=torch.bfloat16, per_layer=True)
@@ -202,6 +202,18 @@ def test_generate_with_left_padded_batches_equals_single_prompts(make_config):
     assert torch.equal(batched[0, 3: 3 + single.shape[1]], single[0]) and not batched[0, 3 + single.shape[1]:].any()
     alone = model.generate(other, **settings)[0]
     assert torch.equal(batched[1, : alone.shape[0]], alone) and not batched[1, alone.shape[0]:].any()
+
+
+@pytest.mark.parametrize("implementation", ["auto", "absorbed", "expanded"])
+@pytest.mark.parametrize("make_config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_static_cache_generate_equals_dynamic(make_config, implementation):
+    """A static cache is filled from position 0 with keys beyond the prompt still empty; sdpa then gets no mask
+    in the prefill and the absorbed form must read that as torch does (query i sees keys 0..i)."""
+    model = build(make_config(), mla_implementation=implementation)
+    prompt = random_ids(2, 6)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(prompt, **settings)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **settings), dynamic)
 
 
 def test_eager_and_sdpa_agree_and_attentions_can_be_returned():

@@ -112,6 +112,7 @@ def yarn_softmax_scale(rope_parameters: dict, qk_head_dim: int) -> float:
 
 
 def causal_bool_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """[1, 1, q_len, kv_len], True where the query (the last q_len positions) may attend."""
-    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    return (torch.arange(kv_len, device=device)[None, :] <= rows)[None, None]
+    """[1, 1, q_len, kv_len], True where query i may attend key j: j <= i, which is how torch's
+    `scaled_dot_product_attention(is_causal=True)` reads a missing mask. transformers leaves the mask out for sdpa only
+    where that reading is right (query and key lengths equal, or a static cache being filled from position 0)."""
+    return (torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None])[None, None]

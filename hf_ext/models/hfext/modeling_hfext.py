@@ -265,7 +265,7 @@ class HfExtMLAttention(nn.Module):
     `q_proj` or `q_a_proj → q_a_layernorm → q_b_proj`; `kv_a_proj_with_mqa` → [latent | rotary keys];
     `kv_a_layernorm` on the latent; `kv_b_proj` (W_UK and W_UV stacked per head); `o_proj`.
 
-    The cache layer holds the latent as "keys" [b, 1, t, d_c] and the rotary keys as "values" [b, g, t, d_r].
+    The cache layer holds the latent as "keys" [b, 1, t, d_c] and the rotary keys as "values" [b, 1, t, g·d_r].
     """
 
     def __init__(self, config, layer_idx: int):
@@ -326,7 +326,12 @@ class HfExtMLAttention(nn.Module):
         if self.uses_rope and self.qk_rope_head_dim:
             q_rope, k_rope = self._rotate(q_rope, k_rope, position_embeddings)
         if past_key_values is not None:
-            c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)
+            # One "head" for both tensors (the rotary keys of all groups side by side): static cache layers allocate
+            # keys and values with the same number of heads.
+            batch, groups, _, width = k_rope.shape
+            flat = k_rope.transpose(1, 2).reshape(batch, 1, q_len, groups * width)
+            c_kv, flat = past_key_values.update(c_kv, flat, self.layer_idx)
+            k_rope = flat.view(batch, flat.shape[2], groups, width).transpose(1, 2)
         dropout = self.attention_dropout if self.training else 0.0
         if self.use_absorbed(q_len, c_kv.shape[2]):
             weight = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
