@@ -216,6 +216,16 @@ def test_static_cache_generate_equals_dynamic(make_config, implementation):
     assert torch.equal(model.generate(prompt, cache_implementation="static", **settings), dynamic)
 
 
+@pytest.mark.parametrize("make_config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_beam_search_reorders_the_latent_cache(make_config):
+    model = build(make_config())
+    prompt = random_ids(2, 6)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=3)
+    beams = model.generate(prompt, **settings)
+    assert torch.equal(beams, model.generate(prompt, use_cache=False, **settings))
+    assert torch.equal(beams, twin(model, mla_implementation="expanded").generate(prompt, **settings))
+
+
 def test_eager_and_sdpa_agree_and_attentions_can_be_returned():
     model = build(grouped_hybrid(), "eager", torch.float64)
     sdpa = twin(model)
