@@ -238,6 +238,16 @@ def test_eager_and_sdpa_agree_and_attentions_can_be_returned():
     assert out.attentions[2][0, :, 11, :7].abs().max() == 0
 
 
+def test_hfx_logn_leaves_mla_layers_to_their_own_scaling():
+    """hf_ext's `hfx_logn` attention function scales queries of foreign models; HfExt layers (MLA ones included)
+    scale their own queries from `logn_scaling`, so the function must not scale them a second time."""
+    model = build(grouped_hybrid(), "sdpa", torch.float64)
+    logn = twin(model)
+    logn.set_attn_implementation("hfx_logn")
+    ids = random_ids(2, 12)
+    torch.testing.assert_close(logn(ids).logits, model(ids).logits, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("v_head_dim", [12, 16, 24], ids=["v_narrower", "v_equal", "v_wider"])
 def test_sdpa_with_padded_widths_equals_eager(v_head_dim):
     """sdpa gets values (or queries and keys) zero-padded to one width; the result must not change."""

@@ -20,19 +20,16 @@ settings trade accuracy for cache: per token and layer the cache holds `kv_lora_
 elements instead of 2 · n_kv · head_dim.
 """
 
-import copy
 import os
 
 import torch
 from transformers import PreTrainedModel
 
 from ..models.hfext import HfExtConfig, HfExtForCausalLM
+from ..models.hfext.configuration_hfext import _describe
+from ..models.hfext.mla_hfext import kept_rotary_columns
 from ._common import build_hfext, load_source
 from .llama import from_llama
-
-
-def _describe(value) -> str:
-    return f"{value!r} ({type(value).__name__})"
 
 
 def _check_settings(config: HfExtConfig, kv_lora_rank, qk_rope_head_dim) -> tuple[int, int]:
@@ -60,9 +57,9 @@ def _check_settings(config: HfExtConfig, kv_lora_rank, qk_rope_head_dim) -> tupl
 
 
 def _rotary_rows(head_dim: int, qk_rope_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Within a rotate-half head: the rows of the kept frequencies (pairs i, i + d/2 for i < r/2), and the rest."""
-    half, keep = head_dim // 2, qk_rope_head_dim // 2
-    rope = torch.cat([torch.arange(keep), torch.arange(half, half + keep)])
+    """Within a rotate-half head: the rows the MLA layer keeps rotary (the same columns it reads from its rotary
+    tables), and the rest."""
+    rope = kept_rotary_columns(head_dim, qk_rope_head_dim)
     is_rope = torch.zeros(head_dim, dtype=torch.bool)
     is_rope[rope] = True
     return rope, torch.arange(head_dim)[~is_rope]
@@ -188,7 +185,7 @@ def to_mla(
     """
     source = load_source(model_or_path, from_pretrained_kwargs)
     if not isinstance(source, HfExtForCausalLM):
-        source = from_llama(copy.deepcopy(source))  # from_llama takes the tensors over; keep the caller's model
+        source = from_llama(source)  # shares the caller's tensors; only read here, and cloned below where kept
     config = source.config
     if any(kind != "gqa" for kind in config.attention_types):
         raise ValueError(f"to_mla converts grouped-query-attention layers; this model's attention_types are "
@@ -211,9 +208,9 @@ def to_mla(
         "rope_interleave": False,
     })
     dtype = next(source.parameters()).dtype
-    state_dict = {name: tensor for name, tensor in source.state_dict().items() if ".self_attn." not in name}
+    # Tensors kept as they are get copied (the source must stay intact); the attention tensors are new anyway.
+    state_dict = {name: tensor.clone() for name, tensor in source.state_dict().items() if ".self_attn." not in name}
     for index, layer in enumerate(source.model.layers):
         for name, tensor in _convert_layer(layer.self_attn, config, rank, rope_dim, grams[index]).items():
             state_dict[f"model.layers.{index}.self_attn.{name}"] = tensor.to(dtype).contiguous()
-    state_dict = {name: tensor.clone() for name, tensor in state_dict.items()}  # the source stays intact
     return build_hfext(new_config, state_dict, source)

@@ -100,6 +100,14 @@ def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
 
 
+def kept_rotary_columns(head_dim: int, rope_dim: int) -> torch.Tensor:
+    """The dims of a rotate-half head (and columns of its cat(angles, angles) tables) that MLA keeps rotary: the
+    first rope_dim / 2 frequencies, i.e. pairs (i, i + head_dim/2) for i < rope_dim / 2. `HfExtMLAttention` reads its
+    tables through them and `hf_ext.convert.to_mla` moves these rows of a GQA head into the rotary part."""
+    half, keep = head_dim // 2, rope_dim // 2
+    return torch.cat([torch.arange(keep), torch.arange(half, half + keep)])
+
+
 def yarn_softmax_scale(rope_parameters: dict, qk_head_dim: int) -> float:
     """DeepSeek's softmax scale: qk_head_dim^-0.5, times mscale² when YaRN-style parameters carry `mscale_all_dim`."""
     scale = qk_head_dim**-0.5

@@ -32,7 +32,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_hfext import HfExtConfig
-from .mla_hfext import absorbed_attention_with_weights, causal_bool_mask, rotate_interleaved, yarn_softmax_scale
+from .mla_hfext import (
+    absorbed_attention_with_weights,
+    causal_bool_mask,
+    kept_rotary_columns,
+    rotate_interleaved,
+    yarn_softmax_scale,
+)
 from .ops_hfext import apply_rotary, logn_query_scale, repeat_kv
 from .rerope_hfext import (
     check_query_positions,
@@ -136,6 +142,16 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def scale_queries_logn(queries: torch.Tensor, attention: nn.Module, position_ids: torch.Tensor) -> torch.Tensor:
+    """Queries [b, h, s, d] times the layer's log-n factor when its `logn_scaling` is on (read from the config at call
+    time). A per-query scalar commutes with the rotation and the projections, and leaves the cache untouched."""
+    if not attention.uses_logn:
+        return queries
+    config = attention.config
+    factor = logn_query_scale(position_ids, config.logn_training_length, config.logn_clip_min, attention.sliding_window)
+    return queries * factor[:, None, :, None].to(queries.dtype)
+
+
 class HfExtAttention(nn.Module):
     """Grouped-query attention whose span, position encoding and query scaling come from the config of its layer."""
 
@@ -164,7 +180,8 @@ class HfExtAttention(nn.Module):
 
     @property
     def uses_logn(self) -> bool:
-        """Log-n query scaling of this layer, read from the config at call time (like `rerope_mode`)."""
+        """Log-n query scaling of this layer, read from the config at call time (like `rerope_mode`). hf_ext's
+        `hfx_logn`/`hfx_rerope` attention functions see this attribute and leave the scaling to the layer."""
         return self.config.logn_scaling[self.layer_idx]
 
     def uses_rerope(self) -> bool:
@@ -197,12 +214,7 @@ class HfExtAttention(nn.Module):
         key_states = key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        if self.uses_logn:
-            # A per-query scalar commutes with the rotation and leaves the cache untouched.
-            factor = logn_query_scale(
-                position_ids, self.config.logn_training_length, self.config.logn_clip_min, self.sliding_window
-            )
-            query_states = query_states * factor[:, None, :, None].to(query_states.dtype)
+        query_states = scale_queries_logn(query_states, self, position_ids)
         if rerope_inputs is not None and self.uses_rerope():
             attn_output = self._rerope(query_states, key_states, value_states, position_ids, past_key_values,
                                        **rerope_inputs[self.layer_type])
@@ -303,7 +315,14 @@ class HfExtMLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=config.attention_output_bias)
 
+    @property
+    def uses_logn(self) -> bool:
+        """Log-n query scaling of this layer, read from the config at call time (like `rerope_mode`). hf_ext's
+        `hfx_logn`/`hfx_rerope` attention functions see this attribute and leave the scaling to the layer."""
+        return self.config.logn_scaling[self.layer_idx]
+
     def uses_rerope(self) -> bool:
+        """MLA layers implement no ReRoPE: switched on, they say so instead of ignoring it."""
         if self.config.rerope_mode != "off":
             raise ValueError(
                 f"`rerope_mode={self.config.rerope_mode!r}` is not supported by MLA layers (layer {self.layer_idx}); "
@@ -353,11 +372,8 @@ class HfExtMLAttention(nn.Module):
             queries = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
         batch, q_len = hidden_states.shape[:2]
         queries = queries.view(batch, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)
-        if self.config.logn_scaling[self.layer_idx]:  # a per-query scalar: it commutes with every projection
-            factor = logn_query_scale(position_ids, self.config.logn_training_length, self.config.logn_clip_min,
-                                      self.sliding_window)
-            queries = queries * factor[:, None, :, None].to(queries.dtype)
-        return queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return scale_queries_logn(queries, self, position_ids).split([self.qk_nope_head_dim, self.qk_rope_head_dim],
+                                                                     dim=-1)
 
     def _latents(self, hidden_states):
         """The cached quantities: latent [b, 1, s, d_c] (normalised if `kv_latent_norm`), rotary keys [b, g, s, d_r]."""
@@ -372,9 +388,8 @@ class HfExtMLAttention(nn.Module):
     def _rotate(self, q_rope, k_rope, position_embeddings):
         cos, sin = position_embeddings
         if cos.shape[-1] != self.qk_rope_head_dim:  # the first qk_rope_head_dim / 2 frequencies of the table
-            half, keep = cos.shape[-1] // 2, self.qk_rope_head_dim // 2
-            cos = torch.cat([cos[..., :keep], cos[..., half: half + keep]], dim=-1)
-            sin = torch.cat([sin[..., :keep], sin[..., half: half + keep]], dim=-1)
+            columns = kept_rotary_columns(cos.shape[-1], self.qk_rope_head_dim).to(cos.device)
+            cos, sin = cos[..., columns], sin[..., columns]
         rotate = rotate_interleaved if self.config.rope_interleave else apply_rotary
         return rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
 
