@@ -10,6 +10,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .positions_hfext import POSITION_AXES, POSITION_LAYOUTS
+
 # Kinds of attention layer. `sliding_attention` layers see their `sliding_window` most recent keys (self included)
 # and get a sliding-window cache layer; `full_attention` layers see every previous key.
 HFEXT_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -107,6 +109,18 @@ class HfExtConfig(PreTrainedConfig):
         mla_implementation (`str`): `"auto"` (default: per call, whichever of the two exact forms needs fewer
             multiply-adds — the expanded form for training and prefill, the absorbed one for decoding),
             `"expanded"` or `"absorbed"`.
+        position_layout (`str`): how tokens get rotary positions (see positions_hfext.py): `"flatten"` (the
+            default: RoPE-1D over token indices), `"mrope"` (Qwen2-VL's M-RoPE: time/row/column axes, frequencies in
+            contiguous `mrope_section` blocks), `"rope_tie_v1"` or `"rope_tie_v2"` (RoPE-Tie: row/column axes,
+            frequency f follows axis f mod 2). Text-only input gets exactly RoPE-1D positions in every layout.
+        mrope_section (`list[int]`, *optional*): for `"mrope"`, the number of rotary frequencies of the time, row and
+            column axes (summing to `head_dim // 2`). Defaults to Qwen2-VL's proportions, [16, 24, 24] of 64.
+        image_patch_size (`int`, *optional*): side of the square pixel patches of images; `None` (the default) makes
+            a text-only model. With it set, the model embeds `pixel_values` through a patch-embedding layer.
+        image_channels (`int`): colour channels of images (3 for RGB, 1 for grey).
+        image_token_id (`int`, *optional*): token standing for one image patch in `input_ids`; the processor writes
+            one per patch, between `image_start_token_id` and `image_end_token_id`. Required with `image_patch_size`.
+        image_start_token_id, image_end_token_id (`int`, *optional*): the markers around each image.
     """
 
     model_type = "hf_ext"
@@ -167,6 +181,13 @@ class HfExtConfig(PreTrainedConfig):
     kv_latent_norm: bool = True
     rope_interleave: bool = False
     mla_implementation: str = "auto"
+    position_layout: str = "flatten"
+    mrope_section: list[int] | None = None
+    image_patch_size: int | None = None
+    image_channels: int = 3
+    image_token_id: int | None = None
+    image_start_token_id: int | None = None
+    image_end_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
@@ -185,6 +206,9 @@ class HfExtConfig(PreTrainedConfig):
             for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, name) is None:
                     setattr(self, name, self.head_dim)
+        if self.position_layout == "mrope" and self.mrope_section is None and isinstance(self.head_dim, int):
+            side = 3 * (self.head_dim // 2) // 8  # Qwen2-VL: 24 of 64 frequencies each for rows and columns
+            self.mrope_section = [self.head_dim // 2 - 2 * side, side, side]
         if isinstance(self.logn_scaling, bool):
             self.logn_scaling = [self.logn_scaling] * self.num_hidden_layers
         if self.logn_training_length is None:
@@ -203,6 +227,7 @@ class HfExtConfig(PreTrainedConfig):
         self._validate_scalar_fields()
         self._validate_per_layer_fields()
         self._validate_mla_fields()
+        self._validate_position_fields()
 
     def validate_layer_type(self):
         """Covered by `validate_architecture` (transformers' version does not know which types this model allows)."""
@@ -324,6 +349,56 @@ class HfExtConfig(PreTrainedConfig):
                 f"`rerope_mode={self.rerope_mode!r}` is not supported with MLA layers; use 'off' with "
                 "`attention_types` containing 'mla'."
             )
+
+    @property
+    def position_axes(self) -> int:
+        """Rows of the position ids of this model's layout (1 for flatten)."""
+        return POSITION_AXES[self.position_layout]
+
+    @property
+    def has_vision(self) -> bool:
+        return self.image_patch_size is not None
+
+    def _validate_position_fields(self):
+        if self.position_layout not in POSITION_LAYOUTS:
+            raise ValueError(
+                f"`position_layout` is {self.position_layout!r}; allowed values are {list(POSITION_LAYOUTS)}."
+            )
+        if self.position_layout == "mrope":
+            section = self.mrope_section
+            if (not isinstance(section, list) or len(section) != 3 or sum(section) != self.head_dim // 2
+                    or any(not isinstance(n, int) or n < 0 for n in section)):
+                raise ValueError(
+                    f"`mrope_section` must be 3 non-negative ints (time, row, column frequencies) summing to "
+                    f"head_dim // 2 = {self.head_dim // 2}, got {section!r}."
+                )
+        if self.position_layout != "flatten":
+            unsupported = {"attention_types containing 'mla'": "mla" in self.attention_types,
+                           f"rerope_mode={self.rerope_mode!r}": self.rerope_mode != "off",
+                           "logn_scaling": any(self.logn_scaling)}
+            for what, present in unsupported.items():
+                if present:
+                    raise ValueError(
+                        f"`position_layout={self.position_layout!r}` is not supported with {what}; use "
+                        "position_layout='flatten' for such models."
+                    )
+        if self.image_patch_size is None:
+            return
+        for name in ("image_patch_size", "image_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {_describe(value)}.")
+        marker_names = ("image_token_id", "image_start_token_id", "image_end_token_id")
+        markers = [getattr(self, name) for name in marker_names]
+        for name, value in zip(marker_names, markers):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"`{name}` must be a token id in [0, {self.vocab_size - 1}] when `image_patch_size` is set, "
+                    f"got {_describe(value)}."
+                )
+        if len(set(markers)) != 3:
+            raise ValueError(f"`image_token_id`, `image_start_token_id` and `image_end_token_id` must be three "
+                             f"different tokens, got {markers}.")
 
 
 __all__ = ["HfExtConfig", "HFEXT_ATTENTION_TYPES", "HFEXT_LAYER_TYPES", "HFEXT_MLA_IMPLEMENTATIONS",

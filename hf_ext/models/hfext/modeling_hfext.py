@@ -40,6 +40,13 @@ from .mla_hfext import (
     yarn_softmax_scale,
 )
 from .ops_hfext import apply_rotary, logn_query_scale, repeat_kv
+from .positions_hfext import (
+    LAYOUT_FREQUENCY_ASSIGNMENT,
+    build_position_ids,
+    check_image_markers,
+    image_grids_per_row,
+    multi_axis_angles,
+)
 from .rerope_hfext import (
     check_query_positions,
     far_key_positions,
@@ -98,11 +105,30 @@ class HfExtRotaryEmbedding(nn.Module):
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        """Tables [batch, seq, head_dim] for positions [batch, seq], or [axes, batch, seq] (multimodal layouts:
+        frequency f follows one axis, chosen by the config's `position_layout`)."""
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
+        if position_ids.dim() == 3:
+            assignment = LAYOUT_FREQUENCY_ASSIGNMENT[self.config.position_layout]
+            freqs = multi_axis_angles(position_ids, inv_freq, assignment, self.config.mrope_section)
+        else:
+            freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+class HfExtPatchEmbedding(nn.Module):
+    """Image patches to the hidden size: one linear map of a flattened patch (channels × patch × patch values, as the
+    processor lays them out), i.e. a convolution whose kernel and stride are the patch size."""
+
+    def __init__(self, config: HfExtConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.image_channels * config.image_patch_size**2, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values)
 
 
 class HfExtMLP(nn.Module):
@@ -517,6 +543,7 @@ class HfExtModel(HfExtPreTrainedModel):
         self.layers = nn.ModuleList([HfExtDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = HfExtRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = HfExtRotaryEmbedding(config)
+        self.patch_embed = HfExtPatchEmbedding(config) if config.has_vision else None
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.gradient_checkpointing = False
         self.post_init()
@@ -531,19 +558,33 @@ class HfExtModel(HfExtPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, max_patches, channels * patch * patch)`, *optional*):
+            Each row's image patches in order (row-major within an image), zero-padded to the longest row; they
+            replace the `image_token_id` tokens of `input_ids`. Made by the processor.
+        image_grid_hw (`torch.LongTensor` of shape `(batch, max_images, 2)`, *optional*):
+            (height, width) in patches of each row's images in order, (0, 0) for padding. The rotary positions of
+            the model's `position_layout` are a function of `input_ids`, these grids and `attention_mask`.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.patch_embed is not None:
+                inputs_embeds = self._insert_image_patches(input_ids, inputs_embeds, pixel_values, image_grid_hw)
         if use_cache and past_key_values is None:
             # Built from the config, so sliding layers get sliding-window cache layers.
             past_key_values = DynamicCache(config=self.config)
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
+            position_ids = self._default_position_ids(input_ids, inputs_embeds, image_grid_hw, attention_mask,
+                                                      past_seen_tokens)
+        # Multimodal layouts give positions [axes, batch, seq]; the masks and the layers see token order only.
+        token_position_ids = position_ids if position_ids.dim() == 2 else None
 
         if not isinstance(mask_by_layer_type := attention_mask, dict):
             mask_kwargs = {
@@ -551,7 +592,7 @@ class HfExtModel(HfExtPreTrainedModel):
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
                 "past_key_values": past_key_values,
-                "position_ids": position_ids,
+                "position_ids": token_position_ids,
             }
             mask_by_layer_type = {"full_attention": create_causal_mask(**mask_kwargs)}
             if self.has_sliding_layers:
@@ -561,19 +602,85 @@ class HfExtModel(HfExtPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         rerope_inputs = self._rerope_inputs(inputs_embeds, attention_mask, past_key_values)
         if rerope_inputs is not None:
+            if token_position_ids is None:
+                raise ValueError("rerope_mode needs positions [batch, seq]; it does not apply to multimodal "
+                                 f"position layouts (position_layout={self.config.position_layout!r}).")
             kwargs["rerope_inputs"] = rerope_inputs
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=mask_by_layer_type[decoder_layer.layer_type],
                 position_embeddings=position_embeddings,
-                position_ids=position_ids,
+                position_ids=token_position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def get_position_ids(self, input_ids: torch.Tensor, image_grid_hw: torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotary positions [axes, batch, seq] (float32) of whole sequences under the config's `position_layout`.
+
+        A pure function of the token layout: image patch tokens (`image_token_id`, checked to sit between their
+        markers), the grids in `image_grid_hw` and the padding in `attention_mask`. To decode, take the last
+        columns of the positions of the sequence so far; `generate()` does this for you, and nothing is stored
+        between calls.
+        """
+        config = self.config
+        if config.has_vision:
+            check_image_markers(input_ids, config.image_token_id, config.image_start_token_id,
+                                config.image_end_token_id, attention_mask)
+            is_patch = input_ids == config.image_token_id
+        else:
+            is_patch = torch.zeros_like(input_ids, dtype=torch.bool)
+        grids = image_grids_per_row(image_grid_hw, input_ids.shape[0])
+        positions = build_position_ids(is_patch.cpu(), grids, config.position_layout,
+                                       None if attention_mask is None else attention_mask.cpu())
+        return positions.to(device=input_ids.device, dtype=torch.float32)
+
+    def _default_position_ids(self, input_ids, inputs_embeds, image_grid_hw, attention_mask, past_seen_tokens):
+        config = self.config
+        layout_positions = input_ids is not None and (config.has_vision or config.position_layout != "flatten")
+        if layout_positions and past_seen_tokens == 0:
+            return self.get_position_ids(input_ids, image_grid_hw, attention_mask)
+        if config.has_vision and past_seen_tokens > 0:
+            # Without the earlier tokens the images in the cache are unknown; a token index would be wrong after
+            # an image in most layouts. generate() passes positions; a hand-written loop must too.
+            raise ValueError(
+                "position_ids are required when continuing from a cache with an image model: pass "
+                "`model.get_position_ids(all_input_ids, image_grid_hw, attention_mask)[..., -new_tokens:]`, or use "
+                "generate(), which does this."
+            )
+        # Text only: every layout gives text tokens RoPE-1D positions, i.e. token indices.
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+        return position_ids.unsqueeze(0)
+
+    def _insert_image_patches(self, input_ids, inputs_embeds, pixel_values, image_grid_hw):
+        """Replace each row's image patch tokens, in order, by the embeddings of that row's pixel patches."""
+        is_patch = input_ids == self.config.image_token_id
+        patches_per_row = is_patch.sum(dim=1)
+        if pixel_values is None:
+            if patches_per_row.any():
+                raise ValueError("input_ids contain image patch tokens (image_token_id) but no pixel_values were given.")
+            return inputs_embeds
+        if pixel_values.dim() != 3 or pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"pixel_values must be [batch={input_ids.shape[0]}, max_patches, channels·patch²], got "
+                             f"shape {tuple(pixel_values.shape)}.")
+        if image_grid_hw is not None:
+            grid_patches = (image_grid_hw[..., 0] * image_grid_hw[..., 1]).sum(dim=-1).to(patches_per_row.device)
+            if not torch.equal(grid_patches, patches_per_row):
+                raise ValueError(f"image_grid_hw covers {grid_patches.tolist()} patches per row but input_ids hold "
+                                 f"{patches_per_row.tolist()} image patch tokens; each grid's height × width must "
+                                 "equal its image's number of patch tokens.")
+        if int(patches_per_row.max()) > pixel_values.shape[1]:
+            raise ValueError(f"input_ids hold up to {int(patches_per_row.max())} image patch tokens per row but "
+                             f"pixel_values has {pixel_values.shape[1]} patches per row.")
+        used = torch.arange(pixel_values.shape[1], device=pixel_values.device) < patches_per_row[:, None].to(
+            pixel_values.device)
+        patch_embeds = self.patch_embed(pixel_values[used].to(inputs_embeds.dtype))
+        return inputs_embeds.masked_scatter(is_patch[..., None].expand_as(inputs_embeds), patch_embeds)
 
     def _rerope_inputs(self, inputs_embeds, attention_mask, past_key_values) -> dict | None:
         """Per layer type, what ReRoPE layers need: key positions (from the 2D mask, −1 = padding) and the rotary
@@ -624,8 +731,13 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        r"""
+        pixel_values, image_grid_hw: images of a model with `image_patch_size` set (see `HfExtModel.forward`).
+        """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -633,6 +745,8 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            pixel_values=pixel_values,
+            image_grid_hw=image_grid_hw,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -654,6 +768,17 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """Positions of the prompt under the model's layout; generate() then gives each new (text) token the last
+        position + 1 on every axis, which is what every layout gives text after a closed image."""
+        config = self.config
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        is_ids = input_ids.dim() == 2 and not input_ids.is_floating_point() and input_ids.shape[1] > 0
+        if not is_ids or (config.position_layout == "flatten" and not config.has_vision):
+            return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        return self.model.get_position_ids(input_ids, model_kwargs.get("image_grid_hw"),
+                                           model_kwargs.get("attention_mask"))
 
 
 __all__ = ["HfExtPreTrainedModel", "HfExtModel", "HfExtForCausalLM"]

@@ -16,8 +16,7 @@ rope_tie_v2     (L + (wh − h)/2 + r, L + (wh − w)/2 + c)             L + wh 
 
 RoPE-Tie-v2 positions can be half-integers, so positions are float64. Nothing is remembered between calls: the
 positions of any token follow from the segments before it, so decoding needs no `rope_deltas` state.
-No transformers imports here (this file will travel with checkpoints). Not wired into the HfExt model family yet
-(issue 8 in progress: multi-axis rotary, patch embedding, processor).
+No transformers imports here: this file travels with checkpoints (the HfExt model computes its positions here).
 """
 
 import torch
@@ -137,7 +136,51 @@ def build_position_ids(image_token_mask: torch.Tensor, image_grids: list, layout
     return positions
 
 
+def image_grids_per_row(image_grid_hw: torch.Tensor | None, batch: int) -> list[list[tuple[int, int]]]:
+    """The (height, width) grids of each row from a [batch, max_images, 2] tensor padded with (0, 0) rows."""
+    if image_grid_hw is None:
+        return [[] for _ in range(batch)]
+    if image_grid_hw.dim() != 3 or image_grid_hw.shape[0] != batch or image_grid_hw.shape[-1] != 2:
+        raise ValueError(f"image_grid_hw must be [batch={batch}, max_images, 2] (height, width per image, (0, 0) for "
+                         f"no image), got shape {tuple(image_grid_hw.shape)}.")
+    return [[(h, w) for h, w in row if h > 0 and w > 0] for row in image_grid_hw.tolist()]
+
+
+def check_image_markers(input_ids: torch.Tensor, image_token_id: int, start_token_id: int, end_token_id: int,
+                        attention_mask: torch.Tensor | None = None) -> None:
+    """Raise a ValueError unless every image is `start, patch tokens…, end` and no marker is left without its pair."""
+    markers = torch.tensor([image_token_id, start_token_id, end_token_id], device=input_ids.device)
+    keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rows = (torch.isin(input_ids, markers) & keep).any(dim=1).nonzero().flatten().tolist()
+    for row in rows:
+        state, opened_at = "text", None  # text -> started (after start) -> patches (after ≥ 1 patch) -> text
+        for index in keep[row].nonzero().flatten().tolist():
+            token = int(input_ids[row, index])
+            if token == start_token_id:
+                if state != "text":
+                    raise ValueError(f"row {row}: image-start marker at index {index} inside the image opened at "
+                                     f"index {opened_at}; close each image with image_end_token_id first.")
+                state, opened_at = "started", index
+            elif token == image_token_id:
+                if state == "text":
+                    raise ValueError(f"row {row}: image patch token at index {index} outside an image; patch tokens "
+                                     "must sit between image_start_token_id and image_end_token_id.")
+                state = "patches"
+            elif token == end_token_id:
+                if state != "patches":
+                    what = "an image without patch tokens" if state == "started" else "no open image"
+                    raise ValueError(f"row {row}: image-end marker at index {index} closes {what}.")
+                state = "text"
+            elif state != "text":
+                raise ValueError(f"row {row}: the image opened at index {opened_at} is not closed before the text "
+                                 f"token at index {index}; each image-start marker needs its image-end marker.")
+        if state != "text":
+            raise ValueError(f"row {row}: the image-start marker at index {opened_at} has no image-end marker.")
+
+
 FREQUENCY_ASSIGNMENTS = ("interleaved", "sections")
+LAYOUT_FREQUENCY_ASSIGNMENT = {"flatten": "interleaved", "mrope": "sections", "rope_tie_v1": "interleaved",
+                               "rope_tie_v2": "interleaved"}
 
 
 def multi_axis_angles(positions: torch.Tensor, inv_freq: torch.Tensor, assignment: str = "interleaved",
