@@ -8,7 +8,7 @@ from ._versions import check_versions
 
 check_versions()
 
-from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel, HfExtPreTrainedModel  # noqa: E402
+from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel, HfExtPreTrainedModel, HfExtProcessor  # noqa: E402
 from .registry import register  # noqa: E402
 from . import convert, hub, losses, ops, optim, schedulers  # noqa: E402
 from .attention import rerope_config  # noqa: E402
@@ -18,4 +18,4 @@ __version__ = "0.1.0"
 
 register()
 
-__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "register", "rerope_config", "kv_cache_bytes_per_token", "convert", "hub", "losses", "ops", "optim", "schedulers", "__version__"]
+__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "HfExtProcessor", "register", "rerope_config", "kv_cache_bytes_per_token", "convert", "hub", "losses", "ops", "optim", "schedulers", "__version__"]

@@ -5,11 +5,11 @@ and logs nothing. It only touches in-process registries; nothing here reads the 
 Later capabilities add their registrations to `register()` and their names to the lists below.
 """
 
-from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_FUNCTIONS
-from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel
+from .models.hfext import HfExtConfig, HfExtForCausalLM, HfExtModel, HfExtProcessor
 
 # name -> (attention function, mask function): the `attn_implementation` values hf_ext adds to transformers.
 ATTENTION_IMPLEMENTATIONS: dict[str, tuple] = dict(ATTENTION_FUNCTIONS)
@@ -42,6 +42,9 @@ def _register_model_family() -> None:
     HfExtConfig.register_for_auto_class()
     HfExtModel.register_for_auto_class("AutoModel")
     HfExtForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    # Image-text models: AutoProcessor finds the processor by its class name in processor_config.json.
+    AutoProcessor.register(HfExtConfig, HfExtProcessor, exist_ok=True)
+    HfExtProcessor.register_for_auto_class("AutoProcessor")
     HfExtForCausalLM.hub_publisher = push_with_model_card  # the card template describes a causal LM
 
 
@@ -61,7 +64,7 @@ def registered_summary() -> dict[str, list[str]]:
     """What `register()` added, for `hf-ext info`."""
     return {
         "model_types": [HfExtConfig.model_type],
-        "auto_classes": ["AutoConfig", "AutoModel", "AutoModelForCausalLM"],
+        "auto_classes": ["AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoProcessor"],
         "attention_implementations": sorted(ATTENTION_IMPLEMENTATIONS),
         "peft_types": ["HFX_GRADIENT_VIEW_LORA"],
         # diffusers needs no registry: a saved pipeline names the module, which `import hf_ext` has imported.

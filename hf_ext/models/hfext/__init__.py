@@ -1,4 +1,5 @@
 from .configuration_hfext import HfExtConfig
 from .modeling_hfext import HfExtForCausalLM, HfExtModel, HfExtPreTrainedModel
+from .processing_hfext import HfExtProcessor
 
-__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel"]
+__all__ = ["HfExtConfig", "HfExtModel", "HfExtForCausalLM", "HfExtPreTrainedModel", "HfExtProcessor"]
