@@ -25,7 +25,8 @@ def test_save_and_load_give_identical_logits(tmp_path):
     model, ids = _model_and_ids()
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.py")) == [
-        "configuration_hfext.py", "mla_hfext.py", "modeling_hfext.py", "ops_hfext.py", "rerope_hfext.py"]
+        "configuration_hfext.py", "mla_hfext.py", "modeling_hfext.py", "ops_hfext.py", "positions_hfext.py",
+        "rerope_hfext.py"]
     assert not list(tmp_path.glob("*.bin")), "weights must be safetensors only"
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hfext.HfExtForCausalLM"
