@@ -310,3 +310,13 @@ def test_readme_snippet_runs_and_prints_what_it_claims(tmp_path, monkeypatch, ca
     assert printed == claimed
     assert torch.isfinite(namespace["loss"]) and namespace["out"].shape[0] == 2
     assert type(namespace["processor"]) is hf_ext.HfExtProcessor
+
+
+def test_static_cache_generation_equals_dynamic_with_images():
+    model, processor = _image_model("rope_tie_v1")
+    batch = _mixed_batch(processor)
+    markers = [processor.model_config_kwargs[key] for key in ("image_token_id", "image_start_token_id",
+                                                              "image_end_token_id")]
+    settings = dict(max_new_tokens=5, do_sample=False, suppress_tokens=markers)
+    assert torch.equal(model.generate(**batch, **settings),
+                       model.generate(**batch, **settings, cache_implementation="static"))

@@ -644,7 +644,8 @@ class HfExtModel(HfExtPreTrainedModel):
         config = self.config
         layout_positions = input_ids is not None and (config.has_vision or config.position_layout != "flatten")
         if layout_positions and past_seen_tokens == 0:
-            return self.get_position_ids(input_ids, image_grid_hw, attention_mask)
+            padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            return self.get_position_ids(input_ids, image_grid_hw, padding)
         if config.has_vision and past_seen_tokens > 0:
             # Without the earlier tokens the images in the cache are unknown; a token index would be wrong after
             # an image in most layouts. generate() passes positions; a hand-written loop must too.
