@@ -1,4 +1,4 @@
-"""RoPE-Tie position builder (issue 8 groundwork): the spec's worked examples, text-only = RoPE-1D, the v2
+"""RoPE-Tie position builder: the spec's worked examples, text-only = RoPE-1D, the v2
 properties (symmetry, equivalence), M-RoPE = transformers' Qwen2-VL `get_rope_index`, padding, errors."""
 
 import types

@@ -99,8 +99,9 @@ class HfExtProcessor(ProcessorMixin):
                 image_patches, (height, width) = self.patchify(image, f"images[{row}][{index}]")
                 row_patches.append(image_patches)
                 row_grids.append((height, width))
-                parts.append(f" {self.image_start_token}{self.image_patch_token * (height * width)}"
-                             f"{self.image_end_token} " + after)
+                # in place, no spaces added: the tokenizer sees the user's text around the image tokens unchanged
+                parts.append(self.image_start_token + self.image_patch_token * (height * width) + self.image_end_token
+                             + after)
             expanded.append("".join(parts))
             patches.append(torch.cat(row_patches) if row_patches else torch.zeros(0, self._patch_width))
             grids.append(row_grids)
@@ -138,7 +139,7 @@ class HfExtProcessor(ProcessorMixin):
             image = np.asarray(image)
             if image.ndim == 3:
                 image = image.transpose(2, 0, 1)
-        pixels = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image)
+        pixels = torch.as_tensor(image)
         if not pixels.is_floating_point():
             pixels = pixels.float() / 255.0
         pixels = pixels.float()
