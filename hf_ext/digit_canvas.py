@@ -1,8 +1,8 @@
 """A tiny image-text world for RoPE-Tie experiments: scikit-learn's 8×8 digit images on a canvas, with questions.
 
 `build_processor()` gives an `HfExtProcessor` over a word-level tokenizer of this world's vocabulary (no download),
-so a vision-language HfExt model can be built, trained and saved entirely offline. The task itself (canvases and
-questions) is in `benchmarks/ropetie_digit_canvas.py`.
+so a vision-language HfExt model can be built, trained and saved entirely offline (the demo's RoPE-Tie step and the
+README example use it).
 """
 
 from .models.hfext.processing_hfext import HfExtProcessor
