@@ -230,15 +230,10 @@ def test_docstring_examples_run(module):
 
 
 def test_readme_snippet_runs(tmp_path, monkeypatch, capsys):
-    import re
-    from pathlib import Path
+    from readme_snippets import run_readme_snippet
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### MLA: multi-head latent attention, DeepSeek weights, GQA→MLA conversion\n", 1)[1]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(snippet, "README: MLA", "exec"), namespace)
+    namespace = run_readme_snippet("MLA: multi-head latent attention, DeepSeek weights, GQA→MLA conversion")
     printed = capsys.readouterr().out.splitlines()[-4:]
     assert printed == ["640", "gqa 512", "mla exact 512", "mla compressed 256"]  # the numbers the comments claim
     tokens = torch.randint(0, 1000, (1, 9))

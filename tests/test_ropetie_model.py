@@ -297,14 +297,13 @@ def test_default_mrope_section_follows_qwen2_vl_proportions():
 
 def test_readme_snippet_runs_and_prints_what_it_claims(tmp_path, monkeypatch, capsys):
     import re
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### RoPE-Tie: text and images with multimodal rotary positions\n", 1)[1]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    from readme_snippets import readme_snippet, run_readme_snippet
+
+    heading = "RoPE-Tie: text and images with multimodal rotary positions"
+    snippet = readme_snippet(heading)
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(snippet, "README: RoPE-Tie", "exec"), namespace)
+    namespace = run_readme_snippet(heading)
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     claimed = re.search(r"# (\[\[2\.0.*)", snippet).group(1)
     assert printed == claimed
