@@ -59,7 +59,14 @@ import torch
 import torch.nn.functional as F
 
 from hf_ext.assets import python_doc_files
-from hf_ext.benchmarking import THREADS_ENVIRONMENT_VARIABLE, configure_threads, make_result, save_result
+from hf_ext.benchmarking import (
+    THREADS_ENVIRONMENT_VARIABLE,
+    configure_threads,
+    make_result,
+    pyplot,
+    save_figure,
+    save_result,
+)
 from hf_ext.hwfa import hwfa_config
 from hf_ext.models.hfext import HfExtConfig, HfExtForCausalLM
 
@@ -539,13 +546,8 @@ def markdown_table(table: list[dict], lengths: list[int], n: int, settings: dict
 
 def plot(path: Path, accuracy: dict, n: int, title: str) -> Path | None:
     """Accuracy vs evaluation length, one line per row; natural and repeated text side by side."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed (pip install matplotlib): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     colors = plt.get_cmap("tab20").colors
@@ -568,10 +570,7 @@ def plot(path: Path, accuracy: dict, n: int, title: str) -> Path | None:
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.suptitle(title)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def _print_side_by_side(table: list[dict], lengths: list[int], n: int) -> None:

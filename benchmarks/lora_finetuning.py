@@ -109,7 +109,9 @@ from hf_ext.benchmarking import (
     make_result,
     memory_ratio,
     peak_memory_growth,
+    pyplot,
     release_free_memory,
+    save_figure,
     save_result,
     status_kib,
 )
@@ -790,13 +792,8 @@ def markdown_table(task: str, runs: dict[str, dict], summary: dict, settings: di
 
 def plot(path: Path, results: dict[str, dict], settings: dict) -> Path | None:
     """Eval loss (top) and training loss (bottom) against the step, one column per task."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed (pip install matplotlib): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
     tasks = list(results)
     figure, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 8.5), squeeze=False, sharex="col")
@@ -824,10 +821,7 @@ def plot(path: Path, results: dict[str, dict], settings: dict) -> Path | None:
     figure.suptitle(f"{settings['model']}, rank {settings['rank']}, lr {settings['learning_rate']:g}, "
                     f"{settings['steps']} steps of {settings['batch_size']}")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -93,6 +93,8 @@ from hf_ext.benchmarking import (
     benchmark_settings,
     configure_threads,
     make_result,
+    pyplot,
+    save_figure,
     save_result,
 )
 from hf_ext.optim import Lion
@@ -430,13 +432,8 @@ def markdown_tables(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | 
 
 def plot(path: Path, reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None, healing: dict,
          title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed (pip install matplotlib): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     kib = lambda row: row["kv_bytes_per_token_fp32"] / 1024  # noqa: E731
@@ -481,10 +478,7 @@ def plot(path: Path, reference: dict, ladder: list[dict], fine_tuned_gqa: dict |
         right.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, 
 
 import hf_ext
 from hf_ext.benchmarking import (benchmark_settings, compare, compare_peak_memory, configure_threads, make_result,
-                                 save_result)
+                                 pyplot, save_result)
 from hf_ext.convert import from_deepseek
 from hf_ext.models.hfext import modeling_hfext
 
@@ -400,15 +400,11 @@ def _markdown_tables(tables: dict, kv: dict, model: dict) -> list[str]:
 
 
 def plot(tables: dict, path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter
-    except ImportError:
-        print("matplotlib is not installed (pip install 'hf-ext[plot]'): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
+    from matplotlib.ticker import FuncFormatter
+
     contexts = tables["contexts"]
     decode, prefill_ = tables["decode"], tables["prefill"]
     figure, (speed_axis, ratio_axis) = plt.subplots(1, 2, figsize=(11, 4.5))

@@ -99,8 +99,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_ext.benchmarking import (THREADS_ENVIRONMENT_VARIABLE, benchmark_settings, configure_threads, make_result,
-                                 save_result)
+from hf_ext.benchmarking import (
+    THREADS_ENVIRONMENT_VARIABLE,
+    benchmark_settings,
+    configure_threads,
+    make_result,
+    pyplot,
+    save_figure,
+    save_result,
+)
 from hf_ext.diffusion import (FlowTrainingArguments, VelocityMLP, distill, eight_gaussians, generate_reflow_pairs,
                               mmd_rbf, predict_velocity, sliced_wasserstein, solve_flow, straightness, train_reflow,
                               train_rectified_flow)
@@ -667,13 +674,8 @@ def markdown_tables(task: Task, evaluation: dict, training: dict, checks: dict, 
 
 def plot(path: Path, evaluations: dict, tasks: dict, settings: dict) -> Path | None:
     """Distance vs steps, 2-D samples and trajectories, digit sample grids: one figure."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed (pip install matplotlib): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
     methods = list(METHODS)
     plot_steps = list(settings["plot_steps"])
@@ -760,10 +762,7 @@ def plot(path: Path, evaluations: dict, tasks: dict, settings: dict) -> Path | N
             row += 1
     figure.suptitle("Rectified flow vs reflow vs DDIM: quality against sampling steps (same noise for every method)")
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3.5 * sum(heights))))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=80)
 
 
 def _grid(images: torch.Tensor, columns: int = 10) -> np.ndarray:

@@ -62,7 +62,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ext  # noqa: F401  (registers hfx_rerope / hfx_leaky_rerope)
 from hf_ext.assets import PYTHON_DOC_SOURCES, python_doc_files, smollm2_gguf_path
-from hf_ext.benchmarking import benchmark_settings, configure_threads, make_result, save_result
+from hf_ext.benchmarking import benchmark_settings, configure_threads, make_result, pyplot, save_result
 
 NAME = "rerope_smollm2_long_context"
 BUILTIN_METHODS = ("plain", "yarn", "dynamic")  # transformers' own; run with sdpa
@@ -381,13 +381,8 @@ def _string_keys(table: dict) -> dict:
 
 
 def plot(path: Path, loss: dict, passkey: dict, training_length: int, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed (pip install 'hf-ext[plot]'): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, by_length in loss.items():

@@ -70,7 +70,8 @@ from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaFor
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import hf_ext  # noqa: F401  (registers hfx_rerope)
-from hf_ext.benchmarking import compare, compare_peak_memory, configure_threads, make_result, save_result
+from hf_ext.benchmarking import (compare, compare_peak_memory, configure_threads, make_result, pyplot, save_figure,
+                                 save_result)
 from hf_ext.convert import from_llama
 
 NAME = "rerope_speed_memory"
@@ -297,12 +298,10 @@ def fit_growth(lengths: list[int], values: list[float]) -> dict | None:
             "linear_fit_max_relative_error": (residual.abs() / y).max().item(), "lengths": [n for n, _ in points]}
 
 
-def plot(tables: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(tables: dict, path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     lengths = tables["lengths"]
     styles = {"hfx_rerope": ("tab:blue", "o"), "sdpa": ("tab:green", "s"), DENSE: ("tab:red", "^")}
     fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -331,8 +330,7 @@ def plot(tables: dict, path: Path) -> None:
         axis.legend(fontsize=8, loc="upper left")  # the curves rise to the right: that corner stays free
     fig.suptitle("ReRoPE prefill, Llama with SmolLM2-135M attention shapes, 4 layers, fp32 CPU, batch 1")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save_figure(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,12 +458,12 @@ def main(quick: bool = False, max_length: int | None = None) -> dict:
     result["tables"] = tables
     result["markdown_tables"] = [_markdown_table(lengths, tables)]
     output = _output_dir(quick, partial)
-    plot(tables, output / f"{NAME}.png")
+    picture = plot(tables, output / f"{NAME}.png")
     if partial:  # save_result would rewrite RESULTS.md with an incomplete run
         path = output / f"{NAME}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
     else:
-        if not quick:
+        if not quick and picture is not None:
             result["plots"] = [f"results/{NAME}.png"]
         path = save_result(result, BENCH_DIR)
     _print_summary(tables, metrics, path)

@@ -105,8 +105,15 @@ from pathlib import Path
 import torch
 
 from hf_ext import HfExtConfig, HfExtForCausalLM
-from hf_ext.benchmarking import (THREADS_ENVIRONMENT_VARIABLE, benchmark_settings, configure_threads, make_result,
-                                 save_result)
+from hf_ext.benchmarking import (
+    THREADS_ENVIRONMENT_VARIABLE,
+    benchmark_settings,
+    configure_threads,
+    make_result,
+    pyplot,
+    save_figure,
+    save_result,
+)
 from hf_ext.digit_canvas import build_processor
 
 NAME = "ropetie_digit_canvas"
@@ -755,13 +762,8 @@ def interpretation(accuracy: dict, base: dict, settings: dict, learned: float = 
 
 def plot(path: Path, accuracy: dict, base: dict, settings: dict, title: str) -> Path | None:
     """Accuracy vs canvas size, one line per layout, per question type and overall."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed (pip install matplotlib): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
     panels = ["overall", *KINDS]
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), sharey=True)
@@ -784,10 +786,7 @@ def plot(path: Path, accuracy: dict, base: dict, settings: dict, title: str) -> 
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.suptitle(title)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

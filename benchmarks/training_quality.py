@@ -68,7 +68,14 @@ from pathlib import Path
 
 import torch
 
-from hf_ext.benchmarking import THREADS_ENVIRONMENT_VARIABLE, configure_threads, make_result, save_result
+from hf_ext.benchmarking import (
+    THREADS_ENVIRONMENT_VARIABLE,
+    configure_threads,
+    make_result,
+    pyplot,
+    save_figure,
+    save_result,
+)
 from hf_ext.demo import DemoRun, DemoSettings, _mean_loss, load_text, make_blocks, train_tokenizer
 from hf_ext.hub import parameter_count, preset_path
 from hf_ext.losses import TailCappedLoss
@@ -439,13 +446,8 @@ def markdown_table(runs: list[dict], settings: dict, data_report: dict, paramete
 
 def plot(path: Path, runs: list[dict], settings: dict, title: str) -> Path | None:
     """Clean held-out loss vs step: optimizers on the left, loss functions (clean and noisy labels) on the right."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed (pip install matplotlib): no plot written.")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     panels = (
@@ -470,10 +472,7 @@ def plot(path: Path, runs: list[dict], settings: dict, title: str) -> Path | Non
     axes[0].set_ylabel("cross-entropy on clean held-out text (nats)")
     figure.suptitle(title)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def run(settings: dict, save: bool = True, quick: bool = False) -> dict:

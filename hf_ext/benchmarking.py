@@ -400,6 +400,31 @@ def save_result(result: dict, benchmarks_dir: str | os.PathLike) -> Path:
     return path
 
 
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (after saying so) when matplotlib is missing:
+    plots are optional extras of a benchmark, never a reason for it to fail."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'hf-ext[plot]'): no plot written.", flush=True)
+        return None
+    return plt
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write ``figure`` to ``path`` (folders created, tight bounding box), close it and return the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
 def _format_number(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
 

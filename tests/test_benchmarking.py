@@ -176,3 +176,18 @@ def test_table_shows_what_a_non_speed_ratio_means_and_the_extra_tables(tmp_path)
     assert "1.500 (peer loss / candidate loss)" in table
     assert "## loss_bench" in table and "| 2048 | 1.23 |" in table
     assert "![loss_bench](results/loss_bench.png)" in table
+
+
+def test_pyplot_is_none_without_matplotlib(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert benchmarking.pyplot() is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_save_figure_creates_folders_and_closes_the_figure(tmp_path):
+    plt = benchmarking.pyplot()
+    figure, axis = plt.subplots()
+    axis.plot([0, 1], [1, 0])
+    path = benchmarking.save_figure(figure, tmp_path / "new" / "plot.png")
+    assert path == tmp_path / "new" / "plot.png" and path.stat().st_size > 0
+    assert not plt.fignum_exists(figure.number)
