@@ -583,16 +583,6 @@ def _worker(arguments_path: str, output_path: str) -> None:
     Path(output_path).write_text(json.dumps(train_and_evaluate(arguments["layouts"], arguments["settings"])))
 
 
-_WORKER_CODE = (
-    "import importlib.util, sys\n"
-    "spec = importlib.util.spec_from_file_location('hf_ext_benchmark_ropetie_digit_canvas_worker', sys.argv[1])\n"
-    "module = importlib.util.module_from_spec(spec)\n"
-    "sys.modules[spec.name] = module\n"
-    "spec.loader.exec_module(module)\n"
-    "module._worker(sys.argv[2], sys.argv[3])\n"
-)
-
-
 def run_workers(groups: list[list[str]], settings: dict) -> list[dict]:
     """`train_and_evaluate` for each group of layouts, the groups in parallel processes (one per CPU core: a
     training step of this small model gains nothing from a second thread, while two processes use both cores).
@@ -605,7 +595,7 @@ def run_workers(groups: list[list[str]], settings: dict) -> list[dict]:
             arguments, output = Path(directory) / f"arguments{index}.json", Path(directory) / f"output{index}.json"
             arguments.write_text(json.dumps({"layouts": layouts, "settings": settings}))
             outputs.append(output)
-            processes.append(subprocess.Popen([sys.executable, "-c", _WORKER_CODE, str(Path(__file__).resolve()),
+            processes.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
                                                str(arguments), str(output)]))
         codes = [process.wait() for process in processes]
         if any(codes):
@@ -883,4 +873,10 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    main(quick=parser.parse_args().quick)
+    parser.add_argument("--worker", nargs=2, metavar=("ARGUMENTS_JSON", "OUTPUT_JSON"),
+                        help="internal: one worker process of `run_workers`")
+    arguments = parser.parse_args()
+    if arguments.worker:
+        _worker(*arguments.worker)
+    else:
+        main(quick=arguments.quick)
