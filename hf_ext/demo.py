@@ -1,7 +1,8 @@
 """`hf-ext demo`: the main job, end to end on real English text, offline, in a few minutes on a laptop CPU.
 
 The demo is a list of steps (`DEMO_STEPS`) sharing one `DemoRun`; each capability of hf_ext adds its own step.
-Default run: train a byte-level BPE tokenizer on the Python documentation (Debian's python3.11-doc), build an HfExt
+Default run: train a byte-level BPE tokenizer on the Python documentation (Debian's python3.11-doc; hf_ext's own
+documentation where that is not installed), build an HfExt
 model from the `hfext-small` preset, train it briefly with `Trainer` (Lion and the fused tail-capped loss), save it, reload it through
 `AutoModelForCausalLM.from_pretrained`, generate a continuation and print a report.
 """
@@ -21,7 +22,7 @@ DEFAULT_PROMPT = "The Python standard library"
 
 @dataclass
 class DemoSettings:
-    text_files: list[Path] | None = None  # None: the Python documentation sources
+    text_files: list[Path] | None = None  # None: `assets.default_text_files`
     output_dir: Path = Path("hf_ext_demo_output")
     preset: str = "hfext-small"
     vocab_size: int = 4096
@@ -66,29 +67,26 @@ class DemoStep:
 
 
 def load_text(run: DemoRun) -> None:
-    """Real English text through `datasets`: the user's files, or a slice of the Python documentation."""
+    """Real English text through `datasets`: the user's files, a slice of the Python documentation or, where that is
+    not installed, hf_ext's own documentation."""
     from datasets import load_dataset
 
-    from .assets import python_doc_files
+    from .assets import default_text_files
 
     files = run.settings.text_files
     if files:
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"`text_files`: not found: {missing}")
+        source = "your text files"
     else:
-        files, total = [], 0
-        for path in python_doc_files():
-            files.append(path)
-            total += path.stat().st_size
-            if total >= run.settings.max_characters:
-                break
+        files, source = default_text_files(run.settings.max_characters)
     dataset = load_dataset("text", data_files=[str(f) for f in files], split="train", sample_by="paragraph")
     dataset = dataset.filter(lambda row: len(row["text"].strip()) > 0)
     if len(dataset) < 2:
         raise ValueError(f"`text_files` hold too little text for a demo ({len(dataset)} paragraphs).")
     run.artifacts["text"] = dataset
-    run.report["text"] = {"files": len(files), "paragraphs": len(dataset),
+    run.report["text"] = {"source": source, "files": len(files), "paragraphs": len(dataset),
                           "characters": sum(len(t) for t in dataset["text"])}
 
 
@@ -492,7 +490,7 @@ def format_report(report: dict) -> str:
     lines = [
         "hf_ext demo report",
         f"  text         : {report['text']['paragraphs']} paragraphs, {report['text']['characters']:,} characters "
-        f"from {report['text']['files']} file(s)",
+        f"from {report['text']['files']} file(s) of {report['text']['source']}",
         f"  model        : {report['model']['preset']}, {report['model']['parameters'] / 1e6:.2f}M parameters",
         f"  eval loss    : {training['eval_loss_before']:.3f} before -> {training['eval_loss_after']:.3f} after "
         f"{training['steps']} steps (perplexity {training['eval_perplexity_after']:.1f})",

@@ -9,6 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hf_ext  # noqa: E402
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing under the name the installed transformers has (renamed in 5.23)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def tiny_config(**overrides) -> hf_ext.HfExtConfig:
     """A 3-layer HfExt config small enough for exact CPU checks."""
     settings = dict(

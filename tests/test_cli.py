@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hf_ext.assets import python_doc_files
+from hf_ext import assets
 from hf_ext.cli import main
 
 
@@ -32,7 +32,7 @@ def test_info_lists_versions_and_registrations(capsys):
 
 def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     text = tmp_path / "my_text.txt"
-    text.write_text("\n\n".join(path.read_text() for path in python_doc_files()[:12]))
+    text.write_text("\n\n".join(path.read_text() for path in assets.bundled_text_files()))
     out = tmp_path / "out"
     assert main(["demo", "--text-file", str(text), "--output-dir", str(out), "--preset", "hfext-tiny",
                  "--max-steps", "8", "--batch-size", "4", "--prompt", "Python"]) == 0
@@ -67,6 +67,14 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     assert reflow["2-RF"]["distance_by_steps"]["1"] < 0.5 * reflow["1-RF"]["distance_by_steps"]["1"]
     assert (out / "reflow_2d.png").stat().st_size > 10_000
     assert "reflow (2-D) : distance to data at 1/2/32 Euler steps" in printed
+
+
+def test_demo_text_falls_back_to_hf_ext_docs_without_the_python_docs(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets, "PYTHON_DOC_SOURCES", tmp_path / "not-installed")
+    files, source = assets.default_text_files(max_characters=10_000)
+    assert "hf_ext's own documentation" in source
+    assert files[0].name == "README.md" and len(files) > 1
+    assert sum(len(path.read_text()) for path in files) > 20_000  # enough prose for the demo's tokenizer and model
 
 
 def test_demo_rejects_a_missing_text_file(tmp_path):

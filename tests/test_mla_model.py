@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import enable_activation_checkpointing, tiny_config
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_ext
@@ -266,7 +266,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ids = random_ids(2, 12)
     plain = build(deepseek_style()).train()
     checkpointed = twin(plain).train()
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(checkpointed)
     for model in (plain, checkpointed):
         model(ids, labels=ids).loss.backward()
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):

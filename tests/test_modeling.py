@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import hybrid_config, tiny_config
+from conftest import enable_activation_checkpointing, hybrid_config, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -197,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = build(config).train()
     checkpointed = build(config).train()
     checkpointed.load_state_dict(plain.state_dict())
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(checkpointed)
     assert checkpointed.model.gradient_checkpointing
     for model in (plain, checkpointed):
         model(ids, labels=ids).loss.backward()

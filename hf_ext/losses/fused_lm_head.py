@@ -15,6 +15,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models.hfext import HfExtForCausalLM
+from ..models.hfext.modeling_hfext import CACHE_NAME
 from .tail_capped import TailCappedLoss
 
 # Config attributes that change logits after lm_head; the fused path would silently ignore them.
@@ -69,8 +70,8 @@ class _FusedLossForward:
         value = model.loss_function.loss_from_hidden_states(hidden_states, model.lm_head, labels,
                                                             num_items_in_batch=num_items_in_batch,
                                                             shift_labels=shift_labels)
-        return CausalLMOutputWithPast(loss=value, logits=None, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return CausalLMOutputWithPast(loss=value, logits=None, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
 
 
 def disable_fused_loss(model: torch.nn.Module) -> torch.nn.Module:

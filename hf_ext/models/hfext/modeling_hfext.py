@@ -26,7 +26,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -55,6 +55,25 @@ from .rerope_hfext import (
     rerope_attention,
     rotate_by,
 )
+
+try:  # transformers >= 5.23 (also takes 2-D position tensors and boolean masks)
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # older 5.x: what their Llama does inline
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, positions, :]
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`. HfExt models accept
+# either name and hand the cache on (to masks, checkpointed layers, outputs) under the installed release's name.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def either_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+    return cache if cache is not None else past_key_values
 
 
 class HfExtRMSNorm(nn.Module):
@@ -178,7 +197,12 @@ def scale_queries_logn(queries: torch.Tensor, attention: nn.Module, position_ids
     return queries * factor[:, None, :, None].to(queries.dtype)
 
 
-class HfExtAttention(nn.Module):
+class HfExtAttentionBase(nn.Module):
+    """Common base of both attention kinds. `output_attentions` records the weights of this one class: older
+    transformers 5.x releases read a two-class list in `_can_record_outputs["attentions"]` as (self, cross) attentions."""
+
+
+class HfExtAttention(HfExtAttentionBase):
     """Grouped-query attention whose span, position encoding and query scaling come from the config of its layer."""
 
     def __init__(self, config: HfExtConfig, layer_idx: int):
@@ -298,7 +322,7 @@ class HfExtAttention(nn.Module):
                                 self.scaling, sliding_window=self.sliding_window)
 
 
-class HfExtMLAttention(nn.Module):
+class HfExtMLAttention(HfExtAttentionBase):
     """Multi-head latent attention with DeepSeek-V2/V3 parameter names (so DeepSeek weights load as they are):
     `q_proj` or `q_a_proj → q_a_layernorm → q_b_proj`; `kv_a_proj_with_mqa` → [latent | rotary keys];
     `kv_a_layernorm` on the latent; `kv_b_proj` (W_UK and W_UV stacked per head); `o_proj`.
@@ -491,8 +515,10 @@ class HfExtDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        past_key_values = either_cache(cache, past_key_values)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -520,7 +546,7 @@ class HfExtPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _can_compile_fullgraph = False
     _supports_attention_backend = True
-    _can_record_outputs = {"hidden_states": HfExtDecoderLayer, "attentions": [HfExtAttention, HfExtMLAttention]}
+    _can_record_outputs = {"hidden_states": HfExtDecoderLayer, "attentions": HfExtAttentionBase}
 
     # Set by the installed hf_ext package (`hf_ext.hub.push_with_model_card`) so that `push_to_hub` uploads the
     # model card rendered from hf_ext's template. The copy of this file that travels with a checkpoint leaves it
@@ -560,6 +586,7 @@ class HfExtModel(HfExtPreTrainedModel):
         use_cache: bool | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -572,6 +599,7 @@ class HfExtModel(HfExtPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        past_key_values = either_cache(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
             if self.patch_embed is not None:
@@ -591,7 +619,7 @@ class HfExtModel(HfExtPreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_NAME: past_key_values,
                 "position_ids": token_position_ids,
             }
             mask_by_layer_type = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -612,12 +640,12 @@ class HfExtModel(HfExtPreTrainedModel):
                 attention_mask=mask_by_layer_type[decoder_layer.layer_type],
                 position_embeddings=position_embeddings,
                 position_ids=token_position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE_NAME: past_key_values},
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: past_key_values})
 
     def get_position_ids(self, input_ids: torch.Tensor, image_grid_hw: torch.Tensor | None = None,
                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -734,16 +762,18 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         pixel_values, image_grid_hw: images of a model with `image_patch_size` set (see `HfExtModel.forward`).
+        cache: the key/value cache under its transformers >= 5.24 name; `past_key_values` is the same, older name.
         """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=either_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             pixel_values=pixel_values,
@@ -765,9 +795,9 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -780,6 +810,14 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
             return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
         return self.model.get_position_ids(input_ids, model_kwargs.get("image_grid_hw"),
                                            model_kwargs.get("attention_mask"))
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """The images go into the prompt's forward only: later steps read them from the cache. Recent transformers
+        drop `pixel_values` outside the prefill themselves; releases before 5.16 leave it to the model."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("pixel_values", None)
+        return inputs
 
 
 __all__ = ["HfExtPreTrainedModel", "HfExtModel", "HfExtForCausalLM"]
