@@ -25,7 +25,8 @@ def _info(args) -> int:
     info = {
         "hf_ext": hf_ext.__version__,
         "python": platform.python_version(),
-        "libraries": {name: {"installed": installed_version(name), "supported": spec}
+        "libraries": {name: {"installed": installed_version(name), "minimum": spec.minimum,
+                             "newest_tested": spec.newest_tested}
                       for name, spec in SUPPORTED_VERSIONS.items()},
         "torch_threads": torch.get_num_threads(),
         "registered": summary,
@@ -38,7 +39,8 @@ def _info(args) -> int:
     print(f"hf_ext {info['hf_ext']} (python {info['python']}, torch threads {info['torch_threads']})")
     print("libraries:")
     for name, versions in info["libraries"].items():
-        print(f"  {name:<13} {versions['installed'] or 'not installed':<14} supported {versions['supported']}")
+        print(f"  {name:<13} {versions['installed'] or 'not installed':<14} needs >={versions['minimum']}, "
+              f"tested up to {versions['newest_tested']}")
     print(f"model types registered : {', '.join(summary['model_types'])} "
           f"(with {', '.join(summary['auto_classes'])})")
     print(f"hf_ext attention       : {', '.join(summary['attention_implementations']) or '(none yet)'}")

@@ -17,6 +17,19 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def merged_qwen2_vl_tables(cos: torch.Tensor, sin: torch.Tensor, mrope_section) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL's rotary tables [batch, seq, dim] with the sections of the three axes merged. transformers before
+    5.17 return one table per axis [3, batch, seq, dim] and merge them in `apply_multimodal_rotary_pos_emb`."""
+    if cos.dim() == 3:
+        return cos, sin
+    sections = list(mrope_section) * 2
+
+    def merge(table):
+        return torch.cat([part[i % 3] for i, part in enumerate(table.split(sections, dim=-1))], dim=-1)
+
+    return merge(cos), merge(sin)
+
+
 def tiny_config(**overrides) -> hf_ext.HfExtConfig:
     """A 3-layer HfExt config small enough for exact CPU checks."""
     settings = dict(

@@ -21,15 +21,22 @@ def test_help_explains_every_command():
         assert sub.returncode == 0 and len(sub.stdout) > 200
 
 
+@pytest.mark.smoke
 def test_info_lists_versions_and_registrations(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["registered"]["model_types"] == ["hf_ext"]
     assert {"sdpa", "eager"} <= set(info["attention_implementations"])
-    assert info["libraries"]["transformers"]["supported"] == ">=5.23,<5.24"
+    import transformers
+    from hf_ext._versions import SUPPORTED_VERSIONS
+
+    assert info["libraries"]["transformers"] == {"installed": transformers.__version__,
+                                                 "minimum": SUPPORTED_VERSIONS["transformers"].minimum,
+                                                 "newest_tested": SUPPORTED_VERSIONS["transformers"].newest_tested}
     assert "hfext-tiny" in info["presets"]
 
 
+@pytest.mark.smoke
 def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     text = tmp_path / "my_text.txt"
     text.write_text("\n\n".join(path.read_text() for path in assets.bundled_text_files()))
@@ -69,6 +76,7 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     assert "reflow (2-D) : distance to data at 1/2/32 Euler steps" in printed
 
 
+@pytest.mark.smoke
 def test_demo_text_falls_back_to_hf_ext_docs_without_the_python_docs(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "PYTHON_DOC_SOURCES", tmp_path / "not-installed")
     files, source = assets.default_text_files(max_characters=10_000)

@@ -21,6 +21,7 @@ def test_single_logn_flag_applies_to_every_layer():
     assert tiny_config(logn_scaling=True).logn_scaling == [True] * 3
 
 
+@pytest.mark.smoke
 def test_round_trip_through_json(tmp_path):
     config = tiny_config(layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=8,
                          position_encodings=["rope", "none", "rope"], logn_scaling=[False, True, False])
@@ -59,6 +60,7 @@ def test_wrong_types_are_rejected():
         tiny_config(hidden_size="64")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", ["hfext-tiny", "hfext-small", "hfext-100m"])
 def test_presets_load_with_from_pretrained(name):
     assert name in list_presets()

@@ -1,5 +1,6 @@
 """Lion, GradientViewLoRA and the tail-capped loss under 2-process gloo DDP / FSDP2 (torchrun), against single-process runs."""
 
+import pytest
 from torchrun import torchrun
 
 
@@ -7,6 +8,7 @@ def _torchrun(scenario: str, tmp_path) -> dict:
     return torchrun("training_ranks.py", scenario, tmp_path)
 
 
+@pytest.mark.smoke
 def test_ddp_lion_ranks_agree_and_match_single_process(tmp_path):
     result = _torchrun("ddp_lion", tmp_path)
     assert result["ranks_identical"]

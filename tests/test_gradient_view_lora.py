@@ -22,6 +22,7 @@ def _target_weights(model):
 
 @pytest.mark.parametrize("base, options", [(torch.optim.SGD, dict(lr=0.5)),
                                            (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))])
+@pytest.mark.smoke
 def test_lora_mode_follows_peft_lora(base, options):
     r, alpha = 4, 8
     model, batches = tiny_llama(torch.float64), token_batches()
@@ -159,6 +160,7 @@ def test_state_dict_resume_is_bit_identical_across_a_resampling():
         assert torch.equal(expected, actual)
 
 
+@pytest.mark.smoke
 def test_trainer_factory_trains_and_respects_weight_decay_groups(tmp_path):
     model = tiny_llama()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, learning_rate=5e-3,
@@ -202,6 +204,7 @@ def _train_peft(peft_model, steps_batches, **optimizer_options):
     return optimizer
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("mode", ["lora", "fixed_a", "resample"])
 def test_peft_method_round_trips_and_each_mode_keeps_its_rank(tmp_path, mode):
     from peft import PeftConfig, PeftModel

@@ -9,6 +9,7 @@ from hf_ext import HfExtProcessor
 from hf_ext.digit_canvas import build_processor, build_tokenizer
 
 
+@pytest.mark.smoke
 def test_placeholders_expand_to_marked_patch_runs_and_patches_are_row_major():
     processor = build_processor(patch_size=2)
     image = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6)  # 2 × 3 patches of 2 × 2 pixels

@@ -21,6 +21,7 @@ def _model_and_ids(**config_overrides):
     return model, ids
 
 
+@pytest.mark.smoke
 def test_save_and_load_give_identical_logits(tmp_path):
     model, ids = _model_and_ids()
     model.save_pretrained(tmp_path)
@@ -39,6 +40,7 @@ def test_save_and_load_give_identical_logits(tmp_path):
 
 @pytest.mark.parametrize("overrides", [{}, {"attention_types": ["mla", "gqa", "mla"], "kv_lora_rank": 16,
                                               "q_lora_rank": 24, "rope_interleave": True}], ids=["gqa", "mla"])
+@pytest.mark.smoke
 def test_trust_remote_code_loads_where_hf_ext_is_not_importable(tmp_path, overrides):
     model, ids = _model_and_ids(**overrides)
     model.save_pretrained(tmp_path / "checkpoint")
@@ -66,6 +68,7 @@ def test_trust_remote_code_loads_where_hf_ext_is_not_importable(tmp_path, overri
     assert lines["generate"] == "7"
 
 
+@pytest.mark.smoke
 def test_push_to_hub_uploads_weights_code_and_model_card(tmp_path):
     model, ids = _model_and_ids()
     with FakeHub(tmp_path / "hub") as hub:

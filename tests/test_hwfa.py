@@ -56,6 +56,7 @@ def test_layout_errors_name_the_argument():
         hwfa_config("hwfa_rerope", num_hidden_layers=4, max_position_embeddings=64, num_full_layers=4, **SMALL)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", ["hwfa-small", "hwfa-rerope-small"])
 def test_hwfa_presets_load_and_use_sliding_caches(name):
     config = hf_ext.HfExtConfig.from_pretrained(preset_path(name))
@@ -121,6 +122,7 @@ def test_rerope_cache_holds_unrotated_keys_so_decoding_rotates_only_the_window()
     torch.testing.assert_close(cache.layers[1].keys, raw)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("mode", ["rerope", "leaky_rerope"])
 @pytest.mark.parametrize("n", [3, 6, 7, 25])  # rerope window 6: n < w, n ≈ w, n ≫ w
 def test_rerope_mode_decode_step_equals_prefill(mode, n):

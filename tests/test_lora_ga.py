@@ -56,6 +56,7 @@ def assert_same_up_to_sign(actual, expected, dim, atol):
     torch.testing.assert_close(actual * signs, expected, atol=atol, rtol=0)
 
 
+@pytest.mark.smoke
 def test_factors_equal_the_papers_formula_in_float64():
     r, gamma = 8, 16.0  # q = min(4r, out, in) covers every layer: the randomized SVD is exact here
     model, batches = tiny_llama(torch.float64), token_batches()
@@ -132,6 +133,7 @@ def test_first_sgd_step_moves_the_weights_along_the_top_2r_gradient():
     assert (top_2r - grad).norm() / grad.norm() > 0.1  # the rank-2r part is not the whole gradient
 
 
+@pytest.mark.smoke
 def test_saved_adapter_is_plain_rank_2r_lora_that_reproduces_the_trained_model_on_the_untouched_base(tmp_path):
     base, batches = tiny_llama(), token_batches()
     pristine = copy.deepcopy(base)
@@ -186,6 +188,7 @@ def test_only_the_rank_r_halves_train():
         assert torch.equal(layer.lora_B["default"].frozen, frozen_before[name][1])
 
 
+@pytest.mark.smoke
 def test_differs_from_peft_builtin_only_by_the_documented_scaling_and_base_mutation():
     # PEFT 0.21's init_lora_weights="lora_ga": B = U[:, r:2r]·diag(S[r:2r])·c, A = V[:, :r]ᵀ (no factor c), and W0
     # is changed in place. Ours (the paper's): both factors × c, no singular values, W0 untouched.

@@ -33,6 +33,7 @@ def dequantized_copy(quantized, tmp_path):
     return float_model
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_base_gets_lora_ga_from_activations_and_output_gradients(tmp_path, bits):
     model = quantized_tiny_llama(tmp_path, bits)

@@ -57,6 +57,7 @@ def deepseek(cls=DeepseekV3ForCausalLM, config_cls=DeepseekV3Config, **overrides
 @pytest.mark.parametrize("overrides", [
     {}, {"q_lora_rank": None}, {"rope_parameters": YARN}, {"rope_interleave": False},
 ], ids=["q_lora", "no_q_lora", "yarn_mscale", "rotate_half"])
+@pytest.mark.smoke
 def test_from_deepseek_v3_matches_transformers_prefill_and_decode(overrides):
     reference = deepseek(**overrides)
     model = hf_ext.convert.from_deepseek(copy.deepcopy(reference))
@@ -74,6 +75,7 @@ def test_from_deepseek_v3_matches_transformers_prefill_and_decode(overrides):
     assert model.model.layers[0].self_attn.use_absorbed(1, 12)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
 def test_from_deepseek_v2_matches_transformers(q_lora_rank):
     reference = deepseek(DeepseekV2ForCausalLM, DeepseekV2Config, q_lora_rank=q_lora_rank, rope_parameters=YARN)
@@ -117,6 +119,7 @@ SOURCES = {
 }
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", SOURCES)
 def test_to_mla_exact_setting_reproduces_the_source(name):
     source = randomized(SOURCES[name]())

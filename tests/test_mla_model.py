@@ -153,6 +153,7 @@ def test_cache_bytes_of_transformers_configs():
 # Absorbed decoding equals the expanded form
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("make_config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_absorbed_decode_equals_expanded_forward_at_every_step(make_config, attn):

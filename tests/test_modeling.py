@@ -27,6 +27,7 @@ def random_ids(batch, length, vocab=97, generator_seed=1):
 # Parity with transformers' Llama
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_default_config_equals_llama_with_same_weights(attn):
     llama_config = LlamaConfig(
@@ -48,6 +49,7 @@ def test_default_config_equals_llama_with_same_weights(attn):
     torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-6)
 
 
+@pytest.mark.smoke
 def test_auto_classes_resolve_the_family():
     config = tiny_config()
     assert isinstance(AutoModel.from_config(config), hf_ext.HfExtModel)
@@ -59,6 +61,7 @@ def test_auto_classes_resolve_the_family():
 # Per-layer structure
 
 
+@pytest.mark.smoke
 def test_cache_layers_follow_layer_types():
     config = hybrid_config()
     cache = DynamicCache(config=config)
@@ -132,6 +135,7 @@ def test_logn_factor_reference_values():
 # Cache consistency, padding, generate
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("attn", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("make_config", [tiny_config, hybrid_config], ids=["plain", "hybrid"])
 def test_incremental_decoding_equals_full_forward(attn, make_config):
@@ -160,6 +164,7 @@ def test_left_padding_matches_unpadded_rows(attn):
     torch.testing.assert_close(logits[1, 5:], model(short_row).logits[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("attn", ATTENTION_BACKENDS)
 def test_generate_with_cache_equals_without_and_handles_left_padding(attn):
     model = build(hybrid_config(), attn)

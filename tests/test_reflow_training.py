@@ -16,6 +16,7 @@ from torchrun import torchrun
 QUIET = dict(show_progress=False)
 
 
+@pytest.mark.smoke
 def test_loss_equals_the_papers_formula_in_its_own_time_convention():
     """Repo: x_t = t·x1 + (1−t)·x0 (x0 noise, x1 data), target x1 − x0, model u(x, t). With t = 1 − σ and
     u = −v the two losses are the same number."""
@@ -74,6 +75,7 @@ def test_pairs_from_a_plain_callable_velocity_model():
     torch.testing.assert_close(pairs.samples, centre + (pairs.noise - centre) / torch.e, atol=5e-3, rtol=0)
 
 
+@pytest.mark.smoke
 def test_unet2d_trains_and_samples_through_a_diffusers_pipeline_loop():
     unet = tiny_unet(channels=1)
     images = torch.rand(64, 1, 8, 8) * 2 - 1

@@ -122,6 +122,7 @@ def test_padding_between_tokens_is_rejected():
         rerope_attention(q, q, q, q, q, positions, 2, 0.5)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", ["llama", "llama3-rope", "yarn-rope"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_model_equals_the_float64_oracle_with_logn(implementation, family):
@@ -195,6 +196,7 @@ def test_decode_step_equals_prefill(family, implementation, n):
     assert decode_step_gap(model, ids(3, n + 1), n) <= 1e-4  # batch of 3, one row left-padded
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "hfx_logn"])
 def test_generate_with_cache_equals_without_and_with_left_padding(implementation):
     model, _ = load("llama", implementation, rerope_window=6, logn_training_length=10)

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import merged_qwen2_vl_tables
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 import hf_ext
@@ -81,6 +82,7 @@ def test_logits_are_invariant_to_shifting_every_position(layout):
         torch.testing.assert_close(shifted[keep], reference[keep], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_generate_after_images_equals_a_full_forward_and_uses_the_same_positions(layout):
     model, processor = _image_model(layout)
@@ -122,6 +124,7 @@ def test_rows_of_a_mixed_batch_decode_as_they_would_alone(layout):
         assert torch.equal(together[row, -4:], alone[0, -4:])
 
 
+@pytest.mark.smoke
 def test_generation_batch_may_differ_from_the_training_batch():
     """transformers#44873's failure: M-RoPE state from a training batch of one size breaks a generate of another."""
     model, processor = _image_model("mrope")
@@ -143,6 +146,7 @@ def test_generation_batch_may_differ_from_the_training_batch():
     assert beams.shape[0] == 4
 
 
+@pytest.mark.smoke
 def test_rotary_tables_and_attention_equal_qwen2_vl_with_the_mrope_layout():
     from transformers import Qwen2VLTextConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
@@ -166,7 +170,7 @@ def test_rotary_tables_and_attention_equal_qwen2_vl_with_the_mrope_layout():
                                                                        "mrope").float()
     embeds = torch.randn(2, 11, 64)
     cos, sin = ours.rotary_emb(embeds, positions)
-    qwen_cos, qwen_sin = qwen.rotary_emb(embeds, positions)
+    qwen_cos, qwen_sin = merged_qwen2_vl_tables(*qwen.rotary_emb(embeds, positions), [2, 3, 3])
     assert torch.equal(cos, qwen_cos) and torch.equal(sin, qwen_sin)
     expected = qwen(inputs_embeds=embeds, position_ids=positions).last_hidden_state
     torch.testing.assert_close(ours(inputs_embeds=embeds, position_ids=positions).last_hidden_state, expected,
@@ -174,6 +178,7 @@ def test_rotary_tables_and_attention_equal_qwen2_vl_with_the_mrope_layout():
     assert ids.shape == (2, 11)
 
 
+@pytest.mark.smoke
 def test_save_load_auto_classes_and_trust_remote_code(tmp_path):
     model, processor = _image_model("rope_tie_v2")
     batch = _mixed_batch(processor)

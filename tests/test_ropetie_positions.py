@@ -5,12 +5,14 @@ import types
 
 import pytest
 import torch
+from conftest import merged_qwen2_vl_tables
 
 from hf_ext.models.hfext.positions_hfext import POSITION_LAYOUTS, build_position_ids, segment_positions
 
 EXAMPLE = [3, (2, 3), 2]  # 3 text tokens, an image of 2 rows × 3 columns, 2 text tokens
 
 
+@pytest.mark.smoke
 def test_rope_tie_v2_worked_example():
     expected = [[0, 1, 2, 5, 5, 5, 6, 6, 6, 9, 10],
                 [0, 1, 2, 4.5, 5.5, 6.5, 4.5, 5.5, 6.5, 9, 10]]
@@ -122,7 +124,7 @@ def test_sections_assignment_equals_qwen2_vl_rotary_tables():
     rotary = Qwen2VLRotaryEmbedding(config.get_text_config())
     positions = build_position_ids(torch.tensor([[False, False, True, True, True, True, True, True, False]] * 2),
                                    [[(2, 3)], [(3, 2)]], "mrope")
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions.long())
+    cos, sin = merged_qwen2_vl_tables(*rotary(torch.zeros(1, dtype=torch.float32), positions.long()), [4, 6, 6])
     angles = multi_axis_angles(positions, rotary.inv_freq, "sections", [4, 6, 6])
     assert torch.equal(torch.cat([angles, angles], -1).cos(), cos)
     assert torch.equal(torch.cat([angles, angles], -1).sin(), sin)

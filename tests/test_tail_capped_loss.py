@@ -33,6 +33,7 @@ def _case(n=37, vocab=53, seed=0):
 
 @pytest.mark.parametrize("gamma,min_weight,smoothing", [(0.0, 0.0, 0.0), (0.1, 0.0, 0.0), (0.5, 0.2, 0.0),
                                                         (0.8, 0.3, 0.1), (0.999, 0.0, 0.0)])
+@pytest.mark.smoke
 def test_loss_and_gradient_equal_float64_reference(gamma, min_weight, smoothing):
     logits, targets = _case()
     ours_in = logits.clone().requires_grad_()
@@ -70,6 +71,7 @@ def test_gamma_zero_is_exactly_cross_entropy(smoothing):
     torch.testing.assert_close(loss(padded_logits, labels, 53), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.smoke
 def test_fused_loss_and_gradients_equal_unfused():
     generator = torch.Generator().manual_seed(2)
     hidden = torch.randn(70, 24, generator=generator, dtype=torch.float64)
@@ -111,6 +113,7 @@ def test_fused_path_in_fp32_matches_unfused_within_1e_5_relative():
     assert model(tokens, labels=labels).logits is not None
 
 
+@pytest.mark.smoke
 def test_enable_fused_loss_on_llama_matches_unfused_and_is_reversible():
     from transformers import LlamaConfig, LlamaForCausalLM
 

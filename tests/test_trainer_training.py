@@ -40,6 +40,7 @@ def _tiny_llama():
                                         num_attention_heads=4, num_key_value_heads=2))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("plumbing", ["compute_loss_func", "model.loss_function", "fused", "fused llama"])
 def test_gradient_accumulation_is_exact(tmp_path, plumbing):
     model = (_tiny_llama() if plumbing == "fused llama" else hf_ext.HfExtForCausalLM(tiny_config())).double()
@@ -73,6 +74,7 @@ def _lion_run(tmp_path, max_steps, resume_from=None, save_steps=None):
     return model
 
 
+@pytest.mark.smoke
 def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
     uninterrupted = _lion_run(tmp_path / "a", max_steps=8, save_steps=4)
     resumed = _lion_run(tmp_path / "b", max_steps=8, resume_from=str(tmp_path / "a" / "checkpoint-4"))

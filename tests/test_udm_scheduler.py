@@ -20,6 +20,7 @@ def _pipeline_images(scheduler, steps=25):
                     output_type="np").images
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_ddpm_pipeline_samples_equal_ddpm_scheduler(prediction_type, variance_type):
@@ -44,6 +45,7 @@ def test_ddim_in_ddpm_pipeline_equals_ddim_scheduler(prediction_type):
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("clip_sample", [True, False])
 @pytest.mark.parametrize("eta", [0.3, 1.0])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -190,6 +192,7 @@ def test_bad_input_gets_clear_errors():
         UDMScheduler(beta_schedule="rectified_flow", time_type="discrete")
 
 
+@pytest.mark.smoke
 def test_config_round_trips_and_swaps_with_ddpm_and_ddim(tmp_path):
     ours = UDMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", eta=0.5,
                         variance_type="fixed_large")

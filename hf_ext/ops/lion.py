@@ -95,8 +95,10 @@ def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: fl
         _compiled_flat = torch.compile(_lion_update_flat, fullgraph=True, dynamic=True)
     hyper = [torch.tensor(value, dtype=torch.float64) for value in (lr, beta1, beta2, weight_decay)]
     small = ([], [], [])
-    # Each dtype combination and tensor rank compiles once; allow more variants than dynamo's default of 8.
-    with torch._dynamo.config.patch(recompile_limit=64):
+    # Each dtype combination and tensor rank compiles once; allow more variants than dynamo's default of 8 (the
+    # setting is `recompile_limit` since torch 2.7, `cache_size_limit` before).
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 64}):
         for param, grad, momentum in zip(params, grads, momenta):
             tensors = (param, grad, momentum)
             if param.numel() >= FUSED_MIN_NUMEL and all(t.is_contiguous() for t in tensors):

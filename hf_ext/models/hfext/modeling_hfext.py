@@ -811,6 +811,19 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
         return self.model.get_position_ids(input_ids, model_kwargs.get("image_grid_hw"),
                                            model_kwargs.get("attention_mask"))
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """Beams and several sequences per prompt repeat each row; multi-axis positions [axes, batch, seq] repeat
+        along their batch dimension (transformers 5.20 does this itself; older releases repeat their first dimension)."""
+        positions = model_kwargs.pop("position_ids", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        if positions is not None and expand_size > 1:
+            positions = positions.repeat_interleave(expand_size, dim=positions.dim() - 2)
+        if positions is not None:
+            model_kwargs["position_ids"] = positions
+        return input_ids, model_kwargs
+
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         """The images go into the prompt's forward only: later steps read them from the cache. Recent transformers
         drop `pixel_values` outside the prefill themselves; releases before 5.16 leave it to the model."""
