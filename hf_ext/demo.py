@@ -2,8 +2,8 @@
 
 The demo is a list of steps (`DEMO_STEPS`) sharing one `DemoRun`; each capability of hf_ext adds its own step.
 Default run: train a byte-level BPE tokenizer on the Python documentation (Debian's python3.11-doc; hf_ext's own
-documentation where that is not installed), build an HfExt
-model from the `hfext-small` preset, train it briefly with `Trainer` (Lion and the fused tail-capped loss), save it, reload it through
+documentation where that is not installed), build an HfExt model from the `hfext-small` preset, train it briefly
+with `Trainer` (Lion and the fused tail-capped loss), save it, reload it through
 `AutoModelForCausalLM.from_pretrained`, generate a continuation and print a report.
 """
 

@@ -231,7 +231,8 @@ def test_pipeline_saved_with_reflow_reloads_through_diffusion_pipeline(tmp_path)
                         output_type="np").images
     name, config, images = reload_pipeline_in_fresh_python(pipeline, tmp_path, num_inference_steps=3)
     assert name == "ReFlowScheduler" and config["solver"] == "heun"
-    np.testing.assert_allclose(images, expected, atol=1e-6)
+    # another process may split the UNet's convolutions over threads differently: float32 rounding, not 1/255
+    np.testing.assert_allclose(images, expected, atol=1e-5)
     reloaded = DiffusionPipeline.from_pretrained(tmp_path)  # in this process hf_ext is already imported
     assert isinstance(reloaded.scheduler, ReFlowScheduler)
 

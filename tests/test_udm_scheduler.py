@@ -212,7 +212,8 @@ def test_pipeline_saved_with_udm_reloads_through_diffusion_pipeline(tmp_path):
                         output_type="np").images
     name, config, images = reload_pipeline_in_fresh_python(pipeline, tmp_path, num_inference_steps=5)
     assert name == "UDMScheduler" and config["eta"] == 1.0
-    np.testing.assert_allclose(images, expected, atol=1e-6)
+    # another process may split the UNet's convolutions over threads differently: float32 rounding, not 1/255
+    np.testing.assert_allclose(images, expected, atol=1e-5)
 
 
 def _gaussian_epsilon_model(scheduler, mean, std):

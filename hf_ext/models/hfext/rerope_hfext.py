@@ -25,6 +25,8 @@ tokens within each row (left or right padding is fine); padded keys carry positi
 No transformers imports: this file travels with HfExt checkpoints (``trust_remote_code``).
 """
 
+import functools
+
 import torch
 
 from .ops_hfext import rotate_half
@@ -182,11 +184,13 @@ def attention_with_lse(query, key, value, scale: float, is_causal: bool = False,
     top-left (query r sees keys ≤ r). On CPU this is torch's fused flash kernel (a private op, wrapped only here);
     elsewhere, or when values are narrower than keys, an explicit computation.
     """
+    groups = query.shape[1] // key.shape[1]
     if query.device.type == "cpu" and query.shape[-1] == value.shape[-1]:
+        if groups > 1 and not _cpu_flash_reads_grouped_heads():
+            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale
         )
-    groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = (query @ key.transpose(-1, -2)).to(torch.promote_types(query.dtype, torch.float32)) * scale
     if is_causal:
@@ -197,6 +201,19 @@ def attention_with_lse(query, key, value, scale: float, is_causal: bool = False,
     lse = scores.logsumexp(-1)
     weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     return weights.to(value.dtype) @ value, lse
+
+
+@functools.cache
+def _cpu_flash_reads_grouped_heads() -> bool:
+    """Whether torch's CPU flash kernel maps query head h to key/value head h // groups. Older releases (torch 2.6
+    among them) read key head h instead, past the tensor's heads. The probe's single key head is a view into two
+    heads of different values, so that misreading stays inside the probe's own memory and shows."""
+    storage = torch.zeros(1, 2, 1, 8)
+    storage[:, 1] = 1.0  # what a head-h read of query head 1 would find
+    key_value = storage[:, :1]
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        torch.ones(1, 2, 1, 8), key_value, key_value, 0.0, False, scale=1.0)[0]
+    return bool((out == 0).all())
 
 
 class _SoftmaxAccumulator:
