@@ -15,18 +15,18 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 import hf_ext
-from hf_ext.assets import (PYTHON_DOC_SOURCES, bundled_text_files, load_gguf_as_float, python_doc_files,
-                           smollm2_gguf_path)
+from hf_ext.assets import (PYTHON_DOC_SOURCES, load_gguf_as_float, python_doc_files, smollm2_gguf_path,
+                           stdlib_docstrings)
 from hf_ext.losses import TailCappedLoss, disable_fused_loss, enable_fused_loss
 from hf_ext.optim import adamw_to_lion, lion_optimizer_cls_and_kwargs
 
 
 def blocks(tokenizer, block_size: int, count: int) -> Dataset:
     if PYTHON_DOC_SOURCES.is_dir():  # the Python tutorial: plain English prose
-        files = [path for path in python_doc_files() if path.parent.name == "tutorial"]
-    else:  # python3.11-doc is not installed: hf_ext's own documentation
-        files = bundled_text_files()
-    text = "\n\n".join(path.read_text(errors="replace") for path in files)
+        tutorial = [path for path in python_doc_files() if path.parent.name == "tutorial"]
+        text = "\n\n".join(path.read_text(errors="replace") for path in tutorial)
+    else:  # python3.11-doc is not installed: the standard library's docstrings
+        text = stdlib_docstrings(400_000)
     ids = tokenizer(text)["input_ids"][: block_size * count]
     rows = [ids[i:i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
     return Dataset.from_dict({"input_ids": rows, "labels": rows})

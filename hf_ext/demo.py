@@ -1,8 +1,8 @@
 """`hf-ext demo`: the main job, end to end on real English text, offline, in a few minutes on a laptop CPU.
 
 The demo is a list of steps (`DEMO_STEPS`) sharing one `DemoRun`; each capability of hf_ext adds its own step.
-Default run: train a byte-level BPE tokenizer on the Python documentation (Debian's python3.11-doc; hf_ext's own
-documentation where that is not installed), build an HfExt model from the `hfext-small` preset, train it briefly
+Default run: train a byte-level BPE tokenizer on the Python documentation (Debian's python3.11-doc; the standard
+library's docstrings where that is not installed), build an HfExt model from the `hfext-small` preset, train it briefly
 with `Trainer` (Lion and the fused tail-capped loss), save it, reload it through
 `AutoModelForCausalLM.from_pretrained`, generate a continuation and print a report.
 """
@@ -68,7 +68,7 @@ class DemoStep:
 
 def load_text(run: DemoRun) -> None:
     """Real English text through `datasets`: the user's files, a slice of the Python documentation or, where that is
-    not installed, hf_ext's own documentation."""
+    not installed, the docstrings of Python's standard library."""
     from datasets import load_dataset
 
     from .assets import default_text_files
@@ -80,7 +80,7 @@ def load_text(run: DemoRun) -> None:
             raise FileNotFoundError(f"`text_files`: not found: {missing}")
         source = "your text files"
     else:
-        files, source = default_text_files(run.settings.max_characters)
+        files, source = default_text_files(run.settings.max_characters, run.settings.output_dir)
     dataset = load_dataset("text", data_files=[str(f) for f in files], split="train", sample_by="paragraph")
     dataset = dataset.filter(lambda row: len(row["text"].strip()) > 0)
     if len(dataset) < 2:

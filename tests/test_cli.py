@@ -39,7 +39,7 @@ def test_info_lists_versions_and_registrations(capsys):
 @pytest.mark.smoke
 def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
     text = tmp_path / "my_text.txt"
-    text.write_text("\n\n".join(path.read_text() for path in assets.bundled_text_files()))
+    text.write_text(assets.stdlib_docstrings(120_000))
     out = tmp_path / "out"
     assert main(["demo", "--text-file", str(text), "--output-dir", str(out), "--preset", "hfext-tiny",
                  "--max-steps", "8", "--batch-size", "4", "--prompt", "Python"]) == 0
@@ -77,12 +77,16 @@ def test_demo_runs_on_a_users_own_text_file(tmp_path, capsys):
 
 
 @pytest.mark.smoke
-def test_demo_text_falls_back_to_hf_ext_docs_without_the_python_docs(tmp_path, monkeypatch):
+def test_demo_text_falls_back_to_the_stdlib_docstrings_without_the_python_docs(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "PYTHON_DOC_SOURCES", tmp_path / "not-installed")
-    files, source = assets.default_text_files(max_characters=10_000)
-    assert "hf_ext's own documentation" in source
-    assert files[0].name == "README.md" and len(files) > 1
-    assert sum(len(path.read_text()) for path in files) > 20_000  # enough prose for the demo's tokenizer and model
+    files, source = assets.default_text_files(max_characters=500_000, scratch_dir=tmp_path / "out")
+    assert "standard library" in source and files == [tmp_path / "out" / "python_stdlib_docstrings.txt"]
+    text = files[0].read_text()
+    assert 500_000 <= len(text) < 600_000  # about the characters asked for (whole docstrings)
+    import __future__  # the first module in sorted order: its docstring, word for word
+    import inspect
+
+    assert text.startswith(inspect.cleandoc(__future__.__doc__))
 
 
 def test_demo_rejects_a_missing_text_file(tmp_path):
