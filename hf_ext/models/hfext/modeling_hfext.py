@@ -814,7 +814,7 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
                                       input_ids: torch.LongTensor | None = None, **model_kwargs):
         """Beams and several sequences per prompt repeat each row; multi-axis positions [axes, batch, seq] repeat
-        along their batch dimension (transformers 5.20 does this itself; older releases repeat their first dimension)."""
+        along their batch dimension (recent transformers do this themselves; older releases repeat the first one)."""
         positions = model_kwargs.pop("position_ids", None)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
@@ -826,7 +826,7 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         """The images go into the prompt's forward only: later steps read them from the cache. Recent transformers
-        drop `pixel_values` outside the prefill themselves; releases before 5.16 leave it to the model."""
+        drop `pixel_values` outside the prefill themselves; older releases leave it to the model."""
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
             inputs.pop("pixel_values", None)
