@@ -19,7 +19,7 @@ def test_pip_install_changes_none_of_the_installed_stack(tmp_path):
         installed = {name: metadata.version(name) for name in USER_STACK}
     except metadata.PackageNotFoundError as missing:
         # TRL needs Python >= 3.11, so the test extras leave it out on 3.10 (CI's oldest lane)
-        pytest.skip(f"{missing} is not installed: the check needs the whole stack, TRL included")
+        pytest.skip(f"{missing}: the check needs the whole stack, TRL included")
     report = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
