@@ -102,7 +102,8 @@ QUICK = {
     "max_documents": 60,  # of the documentation, for a fast tokenizer
 }
 
-# The blog's numbers (specs/algorithms.md §1d, §2d): GAU ~100M, N = 512, accuracy (%) at N and at 8×N = 4096.
+# The blog's numbers (kexue.fm posts 9708 and 9728 for ReRoPE / Leaky ReRoPE, 9603 and 9731 for HWFA and HWFA2):
+# GAU ~100M, N = 512, accuracy (%) at N and at 8×N = 4096.
 # "log n" rows of the blog were *trained* with log-n scaling; ours only retro-fit it (log n†) where marked.
 BLOG = {
     "Baseline (RoPE extrapolation)": {"train": 49.41, "repeated_8x": 24.17, "natural_8x": 23.16},
@@ -635,7 +636,7 @@ def run(settings: dict, save: bool = True, quick: bool = False) -> dict:
         "loss": measured["loss"],
         "side_by_side": table,
         "blog": {"setting": "GAU ~100M, 24 layers, N = 512, next-token accuracy (%) at 512 and at 4096 = 8×N "
-                            "(specs/algorithms.md §1d, §2d)", "rows": BLOG},
+                            "(kexue.fm posts 9708, 9728, 9603, 9731)", "rows": BLOG},
         "copying": {"definition": "repeated minus natural accuracy (points); near 0: the model does not copy",
                     "by_row": copying_indicator(measured["accuracy"], lengths)},
         "training": measured["training"],

@@ -77,7 +77,7 @@ def test_fixed_a_trains_only_b():
 
 
 def test_resample_step_is_the_full_gradient_in_expectation():
-    # One SGD step from zero factors moves W by -η s² (G vᵀv + u uᵀG); E[...] = -2 η s² G (algorithms.md §7a)
+    # One SGD step from zero factors moves W by -η s² (G vᵀv + u uᵀG); E[...] = -2 η s² G (kexue.fm post 9590)
     torch.manual_seed(0)
     m, n, r, lr, samples = 7, 5, 2, 0.1, 3000
     grad = torch.randn(m, n, dtype=torch.float64)

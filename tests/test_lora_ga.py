@@ -108,7 +108,7 @@ def test_output_unchanged_at_init_and_base_weights_untouched():
 
 
 def test_first_sgd_step_moves_the_weights_along_the_top_2r_gradient():
-    # One SGD step on (A, B) changes s·BA by -η s² c² U_2r Σ_2r V_2rᵀ + O(η²) (algorithms.md §6f.1)
+    # One SGD step on (A, B) changes s·BA by -η s² c² U_2r Σ_2r V_2rᵀ + O(η²) (LoRA-GA, arXiv 2407.05000, §3)
     r, gamma, lr = 8, 16.0, 1e-4  # q = 4r covers the 32 input dims: an exact SVD
     model, batches = tiny_llama(torch.float64), token_batches()
     grads = mean_gradients(copy.deepcopy(model), batches, ["model.layers.0.mlp.up_proj"])

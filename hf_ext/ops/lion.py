@@ -1,6 +1,7 @@
 """The Lion update (Chen et al. 2023) as three interchangeable kernels with bit-identical results.
 
-For one parameter tensor θ with gradient g and momentum m (algorithms.md §8a)::
+For one parameter tensor θ with gradient g and momentum m (Chen et al. 2023, "Symbolic Discovery of Optimization
+Algorithms", arXiv 2302.06675)::
 
     θ ← θ · (1 − η·λ)                      # decoupled weight decay, uses θ_{t−1}
     c  = β1·m + (1 − β1)·g                  # interpolation, used only for the direction

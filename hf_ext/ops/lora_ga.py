@@ -1,4 +1,4 @@
-"""LoRA-GA initial factors from the singular vectors of a weight gradient (algorithms.md §6a).
+"""LoRA-GA initial factors from the singular vectors of a weight gradient (Wang et al. 2024, arXiv 2407.05000).
 
 PyTorch convention: W0 [m, n] (m = out, n = in), adapter ΔW = s·B A with B [m, r] and A [r, n]. With the gradient
 G = U Σ Vᵀ, one SGD step of (A, B) from orthonormal factors moves W by -η s² (B Bᵀ G + G Aᵀ A); giving the top 2r

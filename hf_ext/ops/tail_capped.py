@@ -1,7 +1,7 @@
 """The tail-capped (TaiLr) token loss, plain and fused with the output projection.
 
-For a target token with model probability p (algorithms.md §9a), TaiLr weights the token's negative
-log-likelihood by a detached weight::
+For a target token with model probability p, TaiLr (Ji et al., ICLR 2023, "Tailoring Language Generation Models
+under Total Variation Distance") weights the token's negative log-likelihood by a detached weight::
 
     w = clamp( p / (γ + (1 − γ)·p),  min_weight, 1 )        loss = −sg[w] · log p
 

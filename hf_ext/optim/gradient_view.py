@@ -1,4 +1,4 @@
-"""LoRA done in the optimizer (the gradient view of LoRA, kexue.fm post 9590; algorithms.md §7).
+"""LoRA done in the optimizer (the gradient view of LoRA, kexue.fm post 9590).
 
 The model keeps ordinary full weights W. For each weight matrix the optimizer holds low-rank factors and feeds a base
 optimizer (AdamW, SGD, Lion…) their gradients, which are projections of the full gradient G = ∂L/∂W; after the step
