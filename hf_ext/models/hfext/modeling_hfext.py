@@ -773,7 +773,8 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=either_cache(cache, past_key_values),
+            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             pixel_values=pixel_values,
@@ -818,10 +819,8 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
         positions = model_kwargs.pop("position_ids", None)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
-        if positions is not None and expand_size > 1:
-            positions = positions.repeat_interleave(expand_size, dim=positions.dim() - 2)
         if positions is not None:
-            model_kwargs["position_ids"] = positions
+            model_kwargs["position_ids"] = positions.repeat_interleave(expand_size, dim=positions.dim() - 2)
         return input_ids, model_kwargs
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
