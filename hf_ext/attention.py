@@ -9,7 +9,8 @@ Used the ordinary way, with no transformers class patched::
 Options are config attributes, read at every call (so `model.config.rerope_window = 1024` takes effect at once).
 `rerope_config` sets and validates them; transformers itself ignores `from_pretrained` keyword arguments that its
 config class does not declare, so they cannot be passed that way to Llama/Qwen/Mistral checkpoints (they can to
-HfExt models, whose config declares them):
+HfExt models, whose config declares them). Their defaults and checks are defined once, in
+models/hfext/configuration_hfext.py, and shared with `HfExtConfig`:
 
 =====================  =========================================  ==================================================
 option                 default                                    meaning
@@ -32,6 +33,7 @@ batches and `generate()` work; packed sequences with restarting position ids are
 """
 
 import copy
+import sys
 from functools import partial
 
 import torch
@@ -39,6 +41,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import prepare_padding_mask, sdpa_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .models.hfext.configuration_hfext import (
+    DEFAULT_LOGN_SCALING_WITH_REROPE,
+    DEFAULT_REROPE_LEAKY_FACTOR,
+    check_logn_scaling,
+    check_logn_training_length,
+    check_rerope_leaky_factor,
+    check_rerope_window,
+    default_logn_training_length,
+    default_rerope_window,
+)
+from .models.hfext.modeling_hfext import HfExtRotaryEmbedding
 from .models.hfext.ops_hfext import logn_query_scale
 from .models.hfext.rerope_hfext import (
     check_query_positions,
@@ -49,7 +62,6 @@ from .models.hfext.rerope_hfext import (
     rotate_by,
 )
 
-DEFAULT_LEAKY_FACTOR = 16.0
 # Rotary types whose frequencies change with the sequence length at run time: the keys in the cache were rotated
 # with other frequencies than the current ones, so they cannot be rotated back exactly (and ReRoPE replaces them).
 _LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
@@ -59,8 +71,14 @@ _LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 # Options and checks
 
 
-def _rotary_settings(config, head_dim: int, implementation: str) -> torch.Tensor:
-    """The model's rotary inverse frequencies [head_dim/2], or a ValueError saying why this model is unsupported."""
+def _rotary_settings(config, head_dim: int, implementation: str, attention_layer=None) -> torch.Tensor:
+    """The model's rotary inverse frequencies [head_dim/2], or a ValueError saying why this model is unsupported.
+
+    They come from where the model's own rotary module takes them: scaled rope types from transformers'
+    `ROPE_INIT_FUNCTIONS`, the default type from `compute_default_rope_parameters` of the model family's
+    `...RotaryEmbedding` class (transformers has no shared entry for it), found in the module that defines
+    `attention_layer`. Without a layer (config checks) or such a class, HfExt's own rotary class gives θ^(−2i/d).
+    """
     model_type = getattr(config, "model_type", type(config).__name__)
     rope = getattr(config, "rope_parameters", None)
     if not rope or "rope_type" not in rope:
@@ -84,10 +102,21 @@ def _rotary_settings(config, head_dim: int, implementation: str) -> torch.Tensor
             "original rope_parameters."
         )
     if rope_type == "default":
-        dim = torch.arange(0, head_dim, 2, dtype=torch.float32)
-        return 1.0 / (rope["rope_theta"] ** (dim / head_dim))
-    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
+        inv_freq, _ = _family_rotary_class(attention_layer).compute_default_rope_parameters(config)
+    else:
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"attn_implementation={implementation!r}: the rotary frequencies of {model_type} have shape "
+                         f"{tuple(inv_freq.shape)}, expected ({head_dim // 2},) for head_dim={head_dim}.")
     return inv_freq  # the attention_scaling of yarn multiplies q and k alike and survives the re-rotation
+
+
+def _family_rotary_class(attention_layer):
+    modeling = sys.modules.get(type(attention_layer).__module__) if attention_layer is not None else None
+    for name, candidate in (vars(modeling) if modeling is not None else {}).items():
+        if name.endswith("RotaryEmbedding") and hasattr(candidate, "compute_default_rope_parameters"):
+            return candidate
+    return HfExtRotaryEmbedding
 
 
 def _option(config, name: str, default):
@@ -96,29 +125,26 @@ def _option(config, name: str, default):
 
 
 def _logn_training_length(config) -> int:
-    training_length = _option(config, "logn_training_length", config.max_position_embeddings)
-    if not isinstance(training_length, int) or training_length < 2:
-        raise ValueError(f"`logn_training_length` must be an integer >= 2, got {training_length!r}.")
+    training_length = _option(config, "logn_training_length",
+                              default_logn_training_length(config.max_position_embeddings))
+    check_logn_training_length(training_length)
     return training_length
 
 
 def rerope_options(config, leaky: bool) -> dict:
     """Validated ReRoPE options of a config, defaults filled in (see the module docstring)."""
     training_length = _logn_training_length(config)
-    window = _option(config, "rerope_window", max(1, config.max_position_embeddings // 4))
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"`rerope_window` must be a positive integer (a number of tokens), got {window!r}.")
+    window = _option(config, "rerope_window", default_rerope_window(config.max_position_embeddings))
+    check_rerope_window(window)
     factor = None
     if leaky:
-        factor = _option(config, "rerope_leaky_factor", DEFAULT_LEAKY_FACTOR)
-        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
-            raise ValueError(f"`rerope_leaky_factor` must be a number >= 1 (1 = plain RoPE), got {factor!r}.")
+        factor = _option(config, "rerope_leaky_factor", DEFAULT_REROPE_LEAKY_FACTOR)
+        check_rerope_leaky_factor(factor)
         factor = float(factor)
-    logn = _option(config, "logn_scaling", True)
+    logn = _option(config, "logn_scaling", DEFAULT_LOGN_SCALING_WITH_REROPE)
     if isinstance(logn, list):  # an HfExt config: its layers apply their own per-layer log-n scaling
         logn = False
-    if not isinstance(logn, bool):
-        raise ValueError(f"`logn_scaling` must be True or False for attn_implementation ReRoPE, got {logn!r}.")
+    check_logn_scaling(logn)
     return {"window": window, "leaky_factor": factor, "logn": logn, "training_length": training_length}
 
 
@@ -157,7 +183,7 @@ def _cached_inv_freq(module, config, head_dim: int, implementation: str) -> torc
     key = (implementation, id(config), head_dim)
     cached = module.__dict__.get("_hfx_inv_freq")
     if cached is None or cached[0] != key:
-        cached = (key, _rotary_settings(config, head_dim, implementation))
+        cached = (key, _rotary_settings(config, head_dim, implementation, module))
         module.__dict__["_hfx_inv_freq"] = cached
     return cached[1]
 
@@ -207,7 +233,8 @@ def rerope_attention_forward(module, query, key, value, attention_mask, scaling=
         key_positions = key_positions_from_mask(None, batch, k_len, 0, query.device)
     check_query_positions(key_positions, kwargs.get("position_ids"), q_len)
     scaling = module.scaling if scaling is None else scaling
-    # HfExt layers apply their own log-n scaling and may have no RoPE at all.
+    # The layer contract `uses_rope` / `uses_logn` is documented on `HfExtAttentionBase` (models/hfext/
+    # modeling_hfext.py): stock layers have neither attribute, i.e. RoPE everywhere and log-n scaling left to us.
     uses_rope = getattr(module, "uses_rope", True)
     if options["logn"] and not hasattr(module, "uses_logn"):
         query = query * _logn_factor(key_positions, q_len, options["training_length"], query.dtype)
@@ -257,7 +284,7 @@ def logn_attention_forward(module, query, key, value, attention_mask, scaling=No
     if position_ids is None:
         raise ValueError("attn_implementation='hfx_logn' needs the position_ids of the queries (the model passes "
                          "them to its attention function; this one did not).")
-    if not hasattr(module, "uses_logn"):  # HfExt layers scale their own queries (config.logn_scaling)
+    if not hasattr(module, "uses_logn"):  # a layer with it scales its own queries (see `HfExtAttentionBase`)
         factor = logn_query_scale(position_ids.clamp(min=0), training_length)
         query = query * factor[:, None, :, None].to(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

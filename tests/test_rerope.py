@@ -237,6 +237,25 @@ def test_sliding_window_checkpoint_keeps_its_window():
 # Clear errors
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "yarn-rope"])
+def test_far_keys_use_the_frequencies_of_the_models_own_rotary_module(family, monkeypatch):
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from hf_ext.attention import _cached_inv_freq
+
+    # A family whose default formula differs from θ^(−2i/d) must be followed, not re-derived: doubling the
+    # frequencies of Llama's and Qwen3's rotary classes changes what their models (and the far keys) use.
+    for rotary in (modeling_llama.LlamaRotaryEmbedding, modeling_qwen3.Qwen3RotaryEmbedding):
+        original = rotary.compute_default_rope_parameters
+        monkeypatch.setattr(rotary, "compute_default_rope_parameters",
+                            staticmethod(lambda config, *a, _f=original, **k: (2 * _f(config)[0], 1.0)))
+    model, _ = load(family, "hfx_rerope")
+    layer = model.model.layers[0].self_attn
+    used = _cached_inv_freq(layer, model.config, layer.head_dim, "hfx_rerope")
+    torch.testing.assert_close(used, model.model.rotary_emb.inv_freq, rtol=0, atol=0)
+
+
 def test_non_rope_model_is_rejected_with_a_clear_error():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50),
                                              attn_implementation="hfx_rerope")
@@ -294,6 +313,33 @@ def test_rerope_config_rejects_unsupported_models_at_load(tmp_path):
         hf_ext.rerope_config(tmp_path)
     with pytest.raises(ValueError, match="`rerope_window` must be a positive integer"):
         hf_ext.rerope_config(FAMILIES["llama"](), rerope_window=-3)
+
+
+@pytest.mark.parametrize("option, value", [("rerope_window", 0), ("rerope_leaky_factor", 0.5),
+                                           ("logn_training_length", 1)])
+def test_stock_models_and_hfext_configs_share_one_check_per_option(option, value):
+    """The options are defined once (configuration_hfext.py): `HfExtConfig`, `rerope_config` and the attention
+    function of a Llama checkpoint reject the same value with the same message."""
+    with pytest.raises(ValueError) as from_hfext:
+        hf_ext.HfExtConfig(**SIZES, logn_scaling=True, **{option: value})
+    with pytest.raises(ValueError) as from_rerope_config:
+        hf_ext.rerope_config(FAMILIES["llama"](), **{option: value})
+    model, _ = load("llama", "hfx_leaky_rerope", **{option: value})
+    with pytest.raises(ValueError) as from_attention:
+        model(ids(1, 20))
+    message = str(from_hfext.value)
+    assert f"`{option}`" in message and repr(value) in message, message
+    assert str(from_rerope_config.value) == message and str(from_attention.value) == message
+
+
+def test_stock_models_and_hfext_configs_share_the_defaults():
+    from hf_ext.attention import rerope_options
+
+    hfext = hf_ext.HfExtConfig(**SIZES)
+    for config in (FAMILIES["llama"](), hfext):
+        options = rerope_options(config, leaky=True)
+        assert (options["window"], options["leaky_factor"], options["training_length"]) == (
+            hfext.rerope_window, hfext.rerope_leaky_factor, hfext.logn_training_length) == (8, 16.0, 32)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -25,6 +25,8 @@ from typing import Iterable
 
 import torch
 
+from ._dtensor import is_dtensor
+
 GRADIENT_VIEW_MODES = ("lora", "fixed_a", "resample")
 
 
@@ -86,7 +88,7 @@ class GradientViewLoRA(torch.optim.Optimizer):
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self._matrix_index(param) * 10_007 + period)
 
     def _init_factors(self, param: torch.Tensor) -> None:
-        if _is_dtensor(param):
+        if is_dtensor(param):
             raise TypeError("GradientViewLoRA projects whole weight matrices; FSDP2/DTensor-sharded parameters are "
                             "not supported (use DDP, or gather the parameters)")
         m, n = param.shape
@@ -183,11 +185,3 @@ class GradientViewLoRA(torch.optim.Optimizer):
                                     for t in (self._trainable_factors(p) if p.dim() == 2 else [p])]
         self.base.load_state_dict(state_dict["base"])
         self.steps = state_dict["steps"]
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)

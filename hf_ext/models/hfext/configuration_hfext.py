@@ -17,8 +17,6 @@ from .positions_hfext import POSITION_AXES, POSITION_LAYOUTS
 HFEXT_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Position encoding of a layer: `rope` rotates queries and keys, `none` leaves them as they are (NoPE).
 HFEXT_POSITION_ENCODINGS = ("rope", "none")
-# How RoPE layers treat distances beyond `rerope_window` at run time (see `rerope_mode`).
-HFEXT_REROPE_MODES = ("off", "rerope", "leaky_rerope")
 # What computes a layer's attention: `gqa` (grouped-query attention over per-head keys and values; MHA when
 # num_key_value_heads == num_attention_heads) or `mla` (multi-head latent attention, DeepSeek-V2: the cache holds a
 # low-rank latent and the rotary key instead of per-head keys and values).
@@ -30,6 +28,80 @@ HFEXT_MLA_IMPLEMENTATIONS = ("auto", "expanded", "absorbed")
 
 def _describe(value) -> str:
     return f"{value!r} ({type(value).__name__})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReRoPE and log-n options, defined once. `HfExtConfig` declares them as fields; hf_ext.attention's `hfx_rerope`,
+# `hfx_leaky_rerope` and `hfx_logn` read the same names from any transformers config (Llama, Qwen2, ...) and fill in
+# and check them with these defaults and functions. Each check raises a ValueError naming the option, the value and
+# what is allowed.
+
+# How RoPE layers treat distances beyond `rerope_window` at run time (see `rerope_mode`).
+HFEXT_REROPE_MODES = ("off", "rerope", "leaky_rerope")
+# k of Leaky ReRoPE: beyond the window a token adds 1/k to the distance.
+DEFAULT_REROPE_LEAKY_FACTOR = 16.0
+# Lower bound of the log-n factor: 1.0 leaves queries inside the training length unchanged.
+DEFAULT_LOGN_CLIP_MIN = 1.0
+# `logn_scaling` where a stock checkpoint gets `hfx_rerope` / `hfx_leaky_rerope`: on, as ReRoPE is meant to be used.
+# HfExt models default to False instead: there it is a per-layer architecture choice, off for Llama equivalence.
+DEFAULT_LOGN_SCALING_WITH_REROPE = True
+
+
+def default_rerope_window(max_position_embeddings: int) -> int:
+    """`rerope_window` when unset: a quarter of the trained context (at least 1 token)."""
+    return max(1, max_position_embeddings // 4)
+
+
+def default_logn_training_length(max_position_embeddings: int) -> int:
+    """`logn_training_length` when unset: the context length the model was trained at."""
+    return max_position_embeddings
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_rerope_mode(value) -> None:
+    if value not in HFEXT_REROPE_MODES:
+        raise ValueError(f"`rerope_mode` is {value!r}; allowed values are {list(HFEXT_REROPE_MODES)}.")
+
+
+def check_rerope_window(value) -> None:
+    if not _is_integer(value) or value < 1:
+        raise ValueError(f"`rerope_window` must be a positive integer (a number of tokens), got {_describe(value)}.")
+
+
+def check_rerope_leaky_factor(value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`rerope_leaky_factor` must be a number >= 1 (1 = plain RoPE), got {_describe(value)}.")
+
+
+def check_logn_scaling(value, num_layers: int | None = None) -> None:
+    """One flag; with `num_layers`, also a list of one flag per layer (HfExt configs)."""
+    if isinstance(value, bool):
+        return
+    if num_layers is None:
+        raise ValueError(f"`logn_scaling` must be True or False, got {_describe(value)}.")
+    if not isinstance(value, list) or len(value) != num_layers or not all(isinstance(v, bool) for v in value):
+        raise ValueError(
+            f"`logn_scaling` must be True or False, or a list with one entry per layer (num_hidden_layers="
+            f"{num_layers}) of True or False, got {_describe(value)}."
+        )
+
+
+def check_logn_training_length(value, logn_on: bool = True) -> None:
+    """At least 2 where log-n scaling is on (it is the base of a logarithm), a positive integer otherwise."""
+    low = 2 if logn_on else 1
+    if not _is_integer(value) or value < low:
+        why = "it is the base of the log-n logarithm" if logn_on else "at least 2 once `logn_scaling` is on"
+        raise ValueError(
+            f"`logn_training_length` must be an integer of at least {low} ({why}), got {_describe(value)}."
+        )
+
+
+def check_logn_clip_min(value) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"`logn_clip_min` must be None (no clipping) or a number >= 0, got {_describe(value)}.")
 
 
 @strict
@@ -167,10 +239,10 @@ class HfExtConfig(PreTrainedConfig):
     position_encodings: list[str] | None = None
     logn_scaling: bool | list[bool] = False
     logn_training_length: int | None = None
-    logn_clip_min: float | None = 1.0
+    logn_clip_min: float | None = DEFAULT_LOGN_CLIP_MIN
     rerope_mode: str = "off"
     rerope_window: int | None = None
-    rerope_leaky_factor: int | float = 16.0
+    rerope_leaky_factor: int | float = DEFAULT_REROPE_LEAKY_FACTOR
     attention_types: list[str] | None = None
     kv_lora_rank: int | None = None
     q_lora_rank: int | None = None
@@ -212,9 +284,9 @@ class HfExtConfig(PreTrainedConfig):
         if isinstance(self.logn_scaling, bool):
             self.logn_scaling = [self.logn_scaling] * self.num_hidden_layers
         if self.logn_training_length is None:
-            self.logn_training_length = self.max_position_embeddings
+            self.logn_training_length = default_logn_training_length(self.max_position_embeddings)
         if self.rerope_window is None and isinstance(self.max_position_embeddings, int):
-            self.rerope_window = max(1, self.max_position_embeddings // 4)
+            self.rerope_window = default_rerope_window(self.max_position_embeddings)
         # Checked here, not only in @strict's validators, because those wrap every error in a
         # StrictDataclassClassValidationError; a plain ValueError is what callers catch.
         self.validate_architecture()
@@ -234,7 +306,7 @@ class HfExtConfig(PreTrainedConfig):
 
     def _validate_scalar_fields(self):
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "logn_training_length")
+                    "num_key_value_heads", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -261,8 +333,10 @@ class HfExtConfig(PreTrainedConfig):
 
     def _validate_per_layer_fields(self):
         n = self.num_hidden_layers
+        check_logn_scaling(self.logn_scaling, num_layers=n)
+        check_logn_training_length(self.logn_training_length, logn_on=any(self.logn_scaling))
         per_layer = {"layer_types": self.layer_types, "position_encodings": self.position_encodings,
-                     "logn_scaling": self.logn_scaling, "attention_types": self.attention_types}
+                     "attention_types": self.attention_types}
         for name, values in per_layer.items():
             if len(values) != n:
                 raise ValueError(
@@ -287,21 +361,10 @@ class HfExtConfig(PreTrainedConfig):
                     f"`sliding_window` must be a positive integer (the number of keys a sliding layer sees, itself "
                     f"included) when `layer_types` contains 'sliding_attention', got {_describe(self.sliding_window)}."
                 )
-        if self.logn_clip_min is not None and self.logn_clip_min < 0:
-            raise ValueError(f"`logn_clip_min` must be None or >= 0, got {_describe(self.logn_clip_min)}.")
-        if self.rerope_mode not in HFEXT_REROPE_MODES:
-            raise ValueError(f"`rerope_mode` is {self.rerope_mode!r}; allowed values are {list(HFEXT_REROPE_MODES)}.")
-        if not isinstance(self.rerope_window, int) or isinstance(self.rerope_window, bool) or self.rerope_window < 1:
-            raise ValueError(f"`rerope_window` must be a positive integer, got {_describe(self.rerope_window)}.")
-        if isinstance(self.rerope_leaky_factor, bool) or self.rerope_leaky_factor < 1:
-            raise ValueError(
-                f"`rerope_leaky_factor` must be a number >= 1 (1 = plain RoPE), got {_describe(self.rerope_leaky_factor)}."
-            )
-        if any(self.logn_scaling) and self.logn_training_length < 2:
-            raise ValueError(
-                f"`logn_training_length` must be at least 2 (it is the base of a logarithm), "
-                f"got {self.logn_training_length}."
-            )
+        check_logn_clip_min(self.logn_clip_min)
+        check_rerope_mode(self.rerope_mode)
+        check_rerope_window(self.rerope_window)
+        check_rerope_leaky_factor(self.rerope_leaky_factor)
 
     def _validate_mla_fields(self):
         if self.mla_implementation not in HFEXT_MLA_IMPLEMENTATIONS:
@@ -402,4 +465,7 @@ class HfExtConfig(PreTrainedConfig):
 
 
 __all__ = ["HfExtConfig", "HFEXT_ATTENTION_TYPES", "HFEXT_LAYER_TYPES", "HFEXT_MLA_IMPLEMENTATIONS",
-           "HFEXT_POSITION_ENCODINGS", "HFEXT_REROPE_MODES"]
+           "HFEXT_POSITION_ENCODINGS", "HFEXT_REROPE_MODES", "DEFAULT_LOGN_CLIP_MIN",
+           "DEFAULT_LOGN_SCALING_WITH_REROPE", "DEFAULT_REROPE_LEAKY_FACTOR", "check_logn_clip_min", "check_logn_scaling", "check_logn_training_length",
+           "check_rerope_leaky_factor", "check_rerope_mode", "check_rerope_window", "default_logn_training_length",
+           "default_rerope_window"]

@@ -117,7 +117,7 @@ class HfExtRotaryEmbedding(nn.Module):
     def compute_default_rope_parameters(config: HfExtConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
         """inv_freq_i = theta^(-2i/head_dim), the original RoPE frequencies."""
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
@@ -199,7 +199,27 @@ def scale_queries_logn(queries: torch.Tensor, attention: nn.Module, position_ids
 
 class HfExtAttentionBase(nn.Module):
     """Common base of both attention kinds. `output_attentions` records the weights of this one class: older
-    transformers 5.x releases read a two-class list in `_can_record_outputs["attentions"]` as (self, cross) attentions."""
+    transformers 5.x releases read a two-class list in `_can_record_outputs["attentions"]` as (self, cross) attentions.
+
+    Layer contract with hf_ext/attention.py, whose `hfx_rerope`, `hfx_leaky_rerope` and `hfx_logn` attention
+    functions receive this module as `module` (they serve stock transformers layers too, which have neither attribute):
+
+    * `uses_rope` (bool, set in `__init__` from `config.position_encodings[layer_idx]`): whether the layer rotates
+      its queries and keys. False (a NoPE layer): the ReRoPE functions rotate nothing back and treat every logit as
+      a near one. A module without it is taken as a RoPE layer.
+    * `uses_logn` (the property below): whether the layer scales its queries by the log-n factor itself, before the
+      attention function runs (`scale_queries_logn`). The functions test its presence, not its value: a module that
+      has it owns log-n scaling, so they never scale its queries a second time; a module without it gets the factor
+      from the function (`hfx_logn` always; the ReRoPE ones when the config's `logn_scaling` is on).
+    """
+
+    uses_rope: bool  # set by each subclass's __init__
+
+    @property
+    def uses_logn(self) -> bool:
+        """Log-n query scaling of this layer, `config.logn_scaling[layer_idx]`, read at call time (like
+        `rerope_mode`, so changing the config takes effect at once)."""
+        return self.config.logn_scaling[self.layer_idx]
 
 
 class HfExtAttention(HfExtAttentionBase):
@@ -227,12 +247,6 @@ class HfExtAttention(HfExtAttentionBase):
         if config.qk_norm:
             self.q_norm = HfExtRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = HfExtRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-
-    @property
-    def uses_logn(self) -> bool:
-        """Log-n query scaling of this layer, read from the config at call time (like `rerope_mode`). hf_ext's
-        `hfx_logn`/`hfx_rerope` attention functions see this attribute and leave the scaling to the layer."""
-        return self.config.logn_scaling[self.layer_idx]
 
     def uses_rerope(self) -> bool:
         """Whether this layer applies the config's `rerope_mode` (read at call time, so the switch is immediate)."""
@@ -364,12 +378,6 @@ class HfExtMLAttention(HfExtAttentionBase):
             self.kv_a_layernorm = HfExtRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=config.attention_output_bias)
-
-    @property
-    def uses_logn(self) -> bool:
-        """Log-n query scaling of this layer, read from the config at call time (like `rerope_mode`). hf_ext's
-        `hfx_logn`/`hfx_rerope` attention functions see this attribute and leave the scaling to the layer."""
-        return self.config.logn_scaling[self.layer_idx]
 
     def uses_rerope(self) -> bool:
         """MLA layers implement no ReRoPE: switched on, they say so instead of ignoring it."""
