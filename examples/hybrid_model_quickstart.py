@@ -1,6 +1,10 @@
 """Build a hybrid window/full HfExt model, train it a few steps on your text, save it and load it back.
 
-    python examples/hybrid_model_quickstart.py [--text-file PATH] [--output-dir DIR] [--max-steps N]
+    python -m examples.hybrid_model_quickstart [--text-file PATH] [--output-dir DIR] [--max-steps N]
+
+It runs the main job of `hf-ext demo` (text, tokenizer, Trainer with Lion and the fused tail-capped loss, save,
+reload, generate) with its model step replaced: three sliding-window RoPE layers and one full NoPE layer with log-n
+scaling instead of a preset.
 """
 
 import argparse
@@ -9,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_ext
-from hf_ext.demo import DEMO_STEPS, DemoSettings, DemoStep, format_report, run_demo
+from hf_ext.demo import (DemoRun, DemoSettings, format_report, load_text, make_blocks, run_demo, save_reload_generate,
+                         train, train_tokenizer)
 from hf_ext.hub import parameter_count
 
 
@@ -26,27 +31,29 @@ def hybrid_model(vocab_size: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def main() -> None:
+def build_hybrid_model(run: DemoRun) -> None:
+    """Takes the place of the demo's `build_model` step."""
+    model = run.artifacts["model"] = hybrid_model(len(run.artifacts["tokenizer"]))
+    run.report["model"] = {"parameters": parameter_count(model),
+                           "summary": f"hybrid (examples/), {parameter_count(model) / 1e6:.2f}M parameters"}
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-file", action="append", default=None)
     parser.add_argument("--output-dir", default="hybrid_quickstart_output")
     parser.add_argument("--max-steps", type=int, default=30)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     settings = DemoSettings(text_files=args.text_file, output_dir=args.output_dir, max_steps=args.max_steps,
                             batch_size=8, max_characters=500_000)
-
-    def build_hybrid(run):  # takes the place of the demo's preset model
-        model = hybrid_model(len(run.artifacts["tokenizer"]))
-        run.artifacts["model"] = model
-        run.report["model"] = {"preset": "hybrid (examples/)", "parameters": parameter_count(model)}
-
-    steps = [DemoStep("build hybrid model", build_hybrid) if step.name == "build model" else step
-             for step in DEMO_STEPS]
+    steps = [load_text, train_tokenizer, build_hybrid_model, make_blocks, train, save_reload_generate]
     report = run_demo(settings, steps)
     print(format_report(report))
     reloaded = AutoModelForCausalLM.from_pretrained(report["checkpoint"]["path"])
-    print("per-layer scheme:", list(zip(reloaded.config.layer_types, reloaded.config.position_encodings)))
+    report["layer_scheme"] = list(zip(reloaded.config.layer_types, reloaded.config.position_encodings))
+    print("per-layer scheme:", report["layer_scheme"])
+    return report
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The `hf-ext` command: info, demo, bench, convert."""
+"""The `hf-ext` command: info, demo, convert.
+
+Benchmarks are not part of the installed package: from a checkout of the repository run
+``python -m benchmarks.NAME`` (``python -m benchmarks`` lists them).
+"""
 
 import argparse
 import json
@@ -8,7 +12,8 @@ from pathlib import Path
 
 DESCRIPTION = """\
 hf_ext: research techniques from Scientific Spaces (kexue.fm) as transformers / PEFT / diffusers components.
-Run `hf-ext COMMAND --help` for the options of a command.
+Run `hf-ext COMMAND --help` for the options of a command. Benchmarks run from a checkout of the repository:
+`python -m benchmarks.NAME` (`python -m benchmarks` lists them).
 """
 
 
@@ -51,9 +56,7 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    from hf_ext.demo import format_report, run_demo
-
-    from hf_ext.demo import DemoSettings
+    from hf_ext.demo import DemoSettings, format_report, run_demo
 
     settings = DemoSettings(output_dir=Path(args.output_dir), preset=args.preset, max_steps=args.max_steps,
                             text_files=[Path(p) for p in args.text_file] or None, prompt=args.prompt,
@@ -61,16 +64,6 @@ def _demo(args) -> int:
     report = run_demo(settings)
     print()
     print(format_report(report))
-    return 0
-
-
-def _bench(args) -> int:
-    from hf_ext.benchmarking import list_benchmarks, run_benchmark
-
-    if args.list or not args.name:
-        print("available benchmarks:", ", ".join(list_benchmarks()) or "(none found)")
-        return 0 if args.list else 2
-    run_benchmark(args.name, quick=args.quick)
     return 0
 
 
@@ -105,7 +98,7 @@ def _convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_ext.demo import DemoSettings  # light: the demo's heavy imports happen inside its steps
+    from hf_ext.demo import DemoSettings  # for the defaults the help shows
 
     parser = argparse.ArgumentParser(prog="hf-ext", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the main job: train, save, reload and generate with a small HfExt model on real text",
         description="The main job, offline on embedded defaults: train a BPE tokenizer and an HfExt model (preset "
-                    "hfext-small) with Trainer on the Python documentation (Debian python3.11-doc; the "
-                    "standard library's docstrings where that is missing) or on your own text files, save it, reload it "
-                    "through AutoModelForCausalLM, generate a continuation "
-                    "and print a report (loss before/after, tokens/s, checkpoint path). Writes report.json.")
+                    "hfext-small) with Trainer, Lion and the fused tail-capped loss on the Python documentation "
+                    "(Debian python3.11-doc; the standard library's docstrings where that is missing) or on your own "
+                    "text files, save it, reload it through AutoModelForCausalLM and generate a continuation; then one "
+                    "short step per capability (LoRA-GA fine-tuning, ReRoPE at 8x the training length, GQA->MLA "
+                    "conversion, RoPE-Tie positions, rectified flow and reflow in 2-D). Prints a report (eval loss "
+                    "before/after, tokens/s, checkpoint path, a line per capability) and writes report.json. Longer "
+                    "showcases: examples/ in the repository.")
     demo.add_argument("--text-file", action="append", default=[], metavar="PATH",
                       help="your own plain-text file (repeatable); default: the Python documentation, else "
                            "the standard library's docstrings")
@@ -136,16 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"blocks of {defaults.block_size} tokens per step (default {defaults.batch_size})")
     demo.add_argument("--prompt", default=defaults.prompt, help="text to continue")
     demo.set_defaults(handler=_demo)
-
-    bench = commands.add_parser(
-        "bench", help="run a benchmark from benchmarks/ against its peer, write its results",
-        description="Run benchmarks/NAME.py: measures hf_ext and its peer in the same process (medians over "
-                    "repeats, ratios, peak memory), writes benchmarks/results/NAME.json and regenerates "
-                    "benchmarks/RESULTS.md.")
-    bench.add_argument("name", nargs="?", help="benchmark name (see --list)")
-    bench.add_argument("--list", action="store_true", help="list the available benchmarks")
-    bench.add_argument("--quick", action="store_true", help="smaller settings, for a smoke run")
-    bench.set_defaults(handler=_bench)
 
     convert = commands.add_parser(
         "convert", help="Llama / Mistral / Qwen2 / Qwen3 / SmolLM / dense DeepSeek-V2/V3 checkpoint -> HfExt checkpoint",

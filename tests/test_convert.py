@@ -13,7 +13,7 @@ from transformers import (
 )
 
 import hf_ext
-from hf_ext.assets import smollm2_gguf_path
+from benchmarks.tasks.assets import smollm2_gguf_path
 
 SIZES = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)

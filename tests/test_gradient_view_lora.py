@@ -236,6 +236,23 @@ def test_peft_method_round_trips_and_each_mode_keeps_its_rank(tmp_path, mode):
     torch.testing.assert_close(merged(ids).logits, trained, rtol=0, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("mode", ["lora", "fixed_a", "resample"])
+def test_peft_method_starts_as_the_base_model_and_trains_only_rank_r_factors(mode):
+    from hf_ext.peft import GradientViewLoraConfig, gradient_view_optimizer
+
+    r, model, ids = 2, tiny_llama(), token_batches()[0]["input_ids"]
+    expected = model(ids).logits
+    config = GradientViewLoraConfig(r=r, lora_alpha=4, mode=mode, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, config)
+    torch.testing.assert_close(peft_model(ids).logits, expected, rtol=0, atol=0)
+    optimizer = gradient_view_optimizer(peft_model, lr=1e-3, weight_decay=0.0)
+    assert isinstance(optimizer, GradientViewLoRA)
+    deltas = [p for group in optimizer.param_groups for p in group["params"]]
+    factors = sum(p.numel() for group in optimizer.base.param_groups for p in group["params"])
+    per_matrix = [r * m if mode == "fixed_a" else r * (m + n) for m, n in (p.shape for p in deltas)]
+    assert len(deltas) == 4 and factors == sum(per_matrix) < sum(p.numel() for p in deltas)
+
 def test_peft_method_in_lora_mode_equals_the_optimizer_on_raw_weights():
     from hf_ext.peft import GradientViewLoraConfig
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from hf_ext import HfExtProcessor
-from hf_ext.digit_canvas import build_processor, build_tokenizer
+from benchmarks.tasks.digit_canvas import build_processor, build_tokenizer
 
 
 @pytest.mark.smoke

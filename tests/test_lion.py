@@ -119,6 +119,20 @@ def test_trajectory_identical_to_peer_over_120_steps(peer, kernel):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kernel", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_state_is_one_momentum_per_parameter(kernel):
+    # Lion's memory claim: one momentum per parameter, in the parameter's shape and dtype, and nothing else.
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
+    for param in params:
+        param.grad = torch.randn(param.shape)
+    optimizer = Lion(params, lr=1e-3, **kernel)
+    optimizer.step()
+    for param in params:
+        tensors = {key: value for key, value in optimizer.state[param].items() if torch.is_tensor(value)}
+        assert list(tensors) == ["exp_avg"]
+        assert tensors["exp_avg"].shape == param.shape and tensors["exp_avg"].dtype == param.dtype
+
+
 def test_parameter_groups_and_maximize():
     model = _model()
     optimizer = Lion([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}], lr=1e-2)
@@ -232,3 +246,27 @@ def test_fused_kernel_build_failure_names_the_fallback(monkeypatch):
     param.grad = torch.ones_like(param)
     with pytest.raises(RuntimeError, match="fused=False"):
         Lion([param], fused=True).step()
+
+
+def test_dtensor_parameters_are_recognised_by_both_optimizers():
+    """One `is_dtensor` (hf_ext/optim/_dtensor.py) serves Lion and GradientViewLoRA; a one-rank gloo group makes a
+    real DTensor on CPU."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from hf_ext.optim import GradientViewLoRA
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        param = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), init_device_mesh("cpu", (1,))))
+        with pytest.raises(ValueError, match="DTensor"):
+            Lion([param], fused=True)
+        param.grad = torch.ones_like(param)
+        Lion([param], lr=0.1).step()  # foreach=None falls back to the per-tensor kernel for DTensors
+        with pytest.raises(TypeError, match="DTensor"):
+            GradientViewLoRA([param], rank=1, base_optimizer=torch.optim.SGD, lr=0.1)
+    finally:
+        dist.destroy_process_group()

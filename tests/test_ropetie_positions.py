@@ -49,6 +49,24 @@ def test_rope_tie_v2_is_symmetric_and_equivalent(height, width):
     assert (grid[0, 1:] - grid[0, :-1] == 1).all() and (grid[1, :, 1:] - grid[1, :, :-1] == 1).all()
 
 
+@pytest.mark.parametrize("size", [4, 6, 8])
+def test_row_axis_distance_from_the_token_after_an_image_to_each_row(size):
+    """The row-axis distance from the first token after a size × size image to row r (column 1), per layout, as
+    benchmarks/about/ropetie_digit_canvas.md states it: it grows with the image in every layout."""
+    positions = {layout: segment_positions([1, (size, size), 2], layout) for layout in POSITION_LAYOUTS}
+    after_image = 1 + size * size  # one text token, the patches, then the first token after them
+    expected = {
+        "flatten": lambda r: size * size - (r - 1) * size,
+        "rope_tie_v1": lambda r: (size + 1) * (size + 1 - r),
+        "rope_tie_v2": lambda r: (size * size + size) / 2 + 1 - r,
+        "mrope": lambda r: size + 1 - r,
+    }
+    for layout, distance in expected.items():
+        row_axis = positions[layout][1 if layout == "mrope" else 0]  # mrope: (time, row, column)
+        for r in range(1, size + 1):
+            assert float(row_axis[after_image] - row_axis[1 + (r - 1) * size]) == distance(r), (layout, r)
+
+
 def test_positions_are_shift_invariant_in_start():
     for layout in POSITION_LAYOUTS:
         torch.testing.assert_close(segment_positions(EXAMPLE, layout, start=10),

@@ -4,7 +4,7 @@ posterior in float64, flow models, continuous time, errors, saving and pipelines
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusion_helpers import reload_pipeline_in_fresh_python, sampling_loop, tiny_unet
 from hf_ext.ops import udm
@@ -147,6 +147,26 @@ def test_steps_go_to_the_next_listed_timestep_where_ddim_uses_t_minus_T_over_N()
     assert ours.timesteps.tolist() == ddim.timesteps.tolist() == [999, 856, 713, 570, 428, 285, 142]
     assert ours.previous_timestep(999).item() == 856
     assert 999 - ddim.config.num_train_timesteps // ddim.num_inference_steps == 857  # DDIM's step rule
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 32])
+def test_trailing_ddim_on_1024_timesteps_is_reproduced_bit_for_bit(steps):
+    """With T = 1024, T/N is an integer for every N here, so DDIM's step t → t − T//N lands on UDM's next listed
+    timestep; "trailing" starts even the one-step grid at pure noise. UDM built from DDIM's config (without the
+    clipped-sample noise estimate) gives the very same floats, its default within 1e-4 (another float order)."""
+    config = dict(num_train_timesteps=1024, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                  timestep_spacing="trailing", prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
+                  steps_offset=0)
+    ddim, udm = DDIMScheduler(**config), UDMScheduler(**config, eta=0.0)
+    same_form = UDMScheduler.from_config(ddim.config, use_clipped_model_output=False, eta=0.0)
+    assert torch.equal(udm.alphas_cumprod, ddim.alphas_cumprod)
+    unet = tiny_unet()
+    expected = sampling_loop(unet, ddim, steps, eta=0.0)
+    assert torch.equal(sampling_loop(unet, same_form, steps, eta=0.0), expected)
+    default = sampling_loop(unet, udm, steps, eta=0.0)
+    assert torch.equal(udm.timesteps, ddim.timesteps) and ddim.timesteps[0].item() == 1023
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(default / scale, expected / scale, atol=1e-4, rtol=0)
 
 
 def test_training_helpers_equal_ddpm():

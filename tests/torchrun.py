@@ -20,7 +20,7 @@ def torchrun(script: str, scenario: str, tmp_path) -> dict:
     """Run tests/distributed/SCRIPT SCENARIO OUTPUT_JSON on two processes; return the parsed OUTPUT_JSON."""
     output = tmp_path / "result.json"
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(DISTRIBUTED.parent))
+               PYTHONPATH=os.pathsep.join([str(DISTRIBUTED.parent), str(DISTRIBUTED.parents[1])]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), str(DISTRIBUTED / script), scenario, str(output)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -8,16 +8,13 @@ the time input is σ·num_train_timesteps, so trained models sample with `hf_ext
 diffusers' FlowMatchEulerDiscreteScheduler.
 """
 
-from .metrics import mmd_rbf, sliced_wasserstein
 from .pairs import ReflowPairs, generate_reflow_pairs
 from .sampling import FlowSolution, predict_velocity, solve_flow, straightness
-from .toy import VelocityMLP, eight_gaussians, two_moons
 from .training import (FlowTrainingArguments, FlowTrainingResult, distill, rectified_flow_loss, train_reflow,
                        train_rectified_flow)
 
 __all__ = [
     "FlowTrainingArguments", "FlowTrainingResult", "train_rectified_flow", "train_reflow", "distill",
     "rectified_flow_loss", "ReflowPairs", "generate_reflow_pairs", "solve_flow", "FlowSolution", "straightness",
-    "predict_velocity", "VelocityMLP", "eight_gaussians", "two_moons", "sliced_wasserstein",
-    "mmd_rbf",
+    "predict_velocity",
 ]

@@ -27,7 +27,7 @@ class TailCappedLoss:
         gamma: γ in [0, 1). 0 is exactly cross-entropy; the TaiLr scripts use 0.1 (translation) to 0.8
             (summarisation fine-tuning) and 1e-7 with ``min_weight=0.2`` from scratch. From scratch keep γ tiny:
             every weight starts near p/γ ≈ 0, and γ = 0.1 without a floor ends worse than the untrained model
-            (``hf-ext bench training_quality``).
+            (``python -m benchmarks.training_quality`` in a checkout).
         min_weight: floor b of the weight, in [0, 1] (the paper's "density min weight"; 0.2–0.3 in its scripts).
         ignore_index: label value that is not a target (-100, as in transformers).
         label_smoothing: ε in [0, 1); the smoothing term is not re-weighted.

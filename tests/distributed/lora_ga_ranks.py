@@ -4,7 +4,6 @@ Usage: lora_ga_ranks.py SCENARIO OUTPUT_JSON. Each rank estimates the LoRA-GA gr
 batches; rank 0 also runs a single process on all of them and writes the comparison to OUTPUT_JSON.
 """
 
-import copy
 import json
 import sys
 from pathlib import Path

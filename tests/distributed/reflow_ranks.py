@@ -11,7 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hf_ext.diffusion import FlowTrainingArguments, VelocityMLP, eight_gaussians, rectified_flow_loss, train_rectified_flow
+from benchmarks.tasks.toy2d import VelocityMLP, eight_gaussians
+from hf_ext.diffusion import FlowTrainingArguments, rectified_flow_loss, train_rectified_flow
 from hf_ext.diffusion.training import _learning_rate_factor, _step_seed
 
 STEPS = 6

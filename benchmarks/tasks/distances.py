@@ -1,5 +1,7 @@
-"""Distances between two sample sets (rows are samples): how close generated samples are to the data."""
+"""Distances between two sample sets (rows are samples): how close generated samples are to the data; and how
+straight a sampler's trajectories are."""
 
+import numpy as np
 import torch
 
 
@@ -33,3 +35,26 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] | No
     kernel = sum(torch.exp(-distances / (2 * h * h)) for h in bandwidths)
     n = len(x)
     return (kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()).item()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """‖μ_a − μ_b‖² + tr(C_a + C_b − 2(C_a C_b)^½) between Gaussian fits of two feature sets (rows are samples).
+
+    tr (C_a C_b)^½ is computed as the sum of √eigenvalues of the symmetric C_a^½ C_b C_a^½ (the same eigenvalues),
+    which stays real and finite for singular covariances, unlike a general matrix square root.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(cross).sum())
+
+
+def path_length_ratio(states: list[torch.Tensor]) -> float:
+    """Mean over samples of (length of the polyline through ``states``) / (distance between its ends); 1 = straight."""
+    stacked = torch.stack([state.flatten(1).double() for state in states])  # [steps + 1, n, d]
+    length = (stacked[1:] - stacked[:-1]).norm(dim=2).sum(0)
+    chord = (stacked[-1] - stacked[0]).norm(dim=1).clamp(min=1e-12)
+    return (length / chord).mean().item()

@@ -1,41 +1,38 @@
-"""The common runner behind every script in ``benchmarks/`` (``hf-ext bench NAME``).
+"""The shared harness of every benchmark in this folder: settings, interleaved timing, peak memory, result files,
+the RESULTS.md table, plots and the command line.
 
-A benchmark script defines ``main(quick=False)``; inside it, it builds a *candidate* (ours) and a *peer* (the
-library implementation it replaces), calls `compare` once per metric, then (after all timing) `compare_peak_memory`,
-and hands the records to `make_result` and `save_result`.
-`compare` times both in the same process, interleaved, so that drift (thermal throttling, other load, allocator
-state) hits both sides alike. Every ratio is oriented so that **> 1 means the candidate is better**:
+A benchmark is a module ``benchmarks/NAME.py`` with ``NAME``, two settings dicts ``FULL`` and ``QUICK`` (a smoke run
+of seconds) and ``run(settings, quick) -> dict``. Inside ``run`` it builds a *candidate* (ours) and a *peer* (the
+library implementation it replaces), calls `compare` once per timed metric, `compare_peak_memory` after all timing,
+and hands the records to `make_result` and `save_result`. Run one with::
 
-* ``speed_ratio  = median over rounds of peer_seconds / candidate_seconds`` (> 1: the candidate is faster),
-* ``memory_ratio = peer_peak_bytes / candidate_peak_bytes``                (> 1: the candidate needs less memory).
+    python -m benchmarks.NAME [--quick] [--set key=value ...]
 
-The speed ratio pairs the two calls of each round: on a shared or virtualised machine the speed of the whole machine
-can change several-fold for seconds at a time, and the two calls of one round see the same state, while the median
-of each side's times may come from different states. The ratio of the two medians is recorded as well
-(``ratio_of_medians``), and the throughputs come from each side's median time.
+`compare` times both sides in the same process, interleaved (A B, B A, …), so that drift hits both alike. Every
+ratio is oriented so that **> 1 means the candidate is better**: ``speed_ratio`` is the median over rounds of
+peer seconds / candidate seconds (the two calls of one round see the same machine state), ``memory_ratio`` is peer
+peak bytes / candidate peak bytes.
 
-Peak memory is the growth of the process's resident set size (RSS) during a call, above the RSS just before it
-(median over a few calls per side). tracemalloc does not see torch's CPU tensors (they are allocated in C++), so we
-read the kernel's own high-water mark instead: on Linux we reset it by writing ``5`` to ``/proc/self/clear_refs`` and
-read ``VmHWM`` from ``/proc/self/status`` afterwards. Elsewhere a background thread samples RSS with psutil every
-millisecond, which can miss a short spike. Before each measurement we run the garbage collector and ask glibc to
-hand freed heap memory back (``malloc_trim``). RSS only tracks the live tensors if freed tensors go back to the OS:
-with glibc's default, self-adjusting mmap threshold, large blocks end up on the heap, and one and the same forward
-pass was measured peaking anywhere between 125 and 190 MB. `compare_peak_memory` therefore fixes the threshold at
-128 KiB first, after which repeated measurements in one run agree to within a few percent (the level can still
-shift between runs, for both sides alike). That makes large allocations slower (about 30 % on a prefill pass) for
-the rest of the process, so memory is measured after all timing.
+Peak memory is the growth of the process's resident set size during a call: on Linux the kernel's high-water mark
+(reset through ``/proc/self/clear_refs``), elsewhere RSS sampled every millisecond. torch's CPU tensors are not
+visible to tracemalloc. With glibc's self-adjusting mmap threshold one and the same forward pass peaked anywhere
+between 125 and 190 MB, so `compare_peak_memory` first fixes the threshold at 128 KiB; that slows large allocations
+for the rest of the process, hence memory is measured after all timing.
 
-Results land in ``benchmarks/results/NAME.json`` (``results/quick/`` for ``quick=True`` smoke runs, which never
-overwrite the real numbers), and ``benchmarks/RESULTS.md`` is regenerated from every JSON file in ``results/``.
+Each benchmark's reasoning (why it is set up so, how to read it, caveats) is prose in ``about/NAME.md``; it goes into
+its section of RESULTS.md. Results land in ``benchmarks/results/NAME.json``
+(``results/quick/`` for quick runs, which never overwrite the real numbers) and ``benchmarks/RESULTS.md`` is
+regenerated from every JSON file there. ``HF_EXT_BENCH_OUTPUT=DIR`` writes
+``DIR/results`` and ``DIR/RESULTS.md`` instead (the tests use it); ``HF_EXT_BENCH_THREADS=N`` fixes torch's threads.
 """
 
+import argparse
 import copy
 import ctypes
 import datetime
 import gc
+import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -134,7 +131,8 @@ def release_free_memory() -> None:
         pass
 
 
-def _can_reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
+    """Set the kernel's high-water mark VmHWM to the current RSS; False where that is not possible (not Linux)."""
     try:
         CLEAR_REFS.write_text("5")
         status_kib("VmHWM")
@@ -146,8 +144,7 @@ def _can_reset_high_water_mark() -> bool:
 def peak_memory_growth(fn: Callable[[], object]) -> int:
     """Bytes by which the process's RSS peaked above its level just before ``fn()`` (see the module docstring)."""
     release_free_memory()
-    if _can_reset_high_water_mark():
-        CLEAR_REFS.write_text("5")  # VmHWM := current RSS
+    if reset_high_water_mark():
         baseline = status_kib("VmRSS")
         fn()
         return max(0, status_kib("VmHWM") - baseline) * 1024
@@ -356,6 +353,15 @@ def compare_peak_memory(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def informational_metric(description: str, unit: str, candidate: float, peer: float, ratio: float | None,
+                         ratio_definition: str, **extra) -> dict:
+    """A RESULTS.md row without a goal comparing candidate and peer on a number that is not a speed (an accuracy,
+    a loss, a cache size). `ratio` fills the table's ratio column; `ratio_definition` says how it is oriented."""
+    return {"description": description, "unit": unit, "candidate": candidate, "peer": peer, **extra,
+            "speed_ratio": ratio, "ratio_definition": ratio_definition,
+            "goal": None, "min_speed_ratio": None, "passed": None}
+
+
 def make_result(
     name: str,
     *,
@@ -383,22 +389,41 @@ def make_result(
     }
 
 
-def save_result(result: dict, benchmarks_dir: str | os.PathLike) -> Path:
-    """Write ``results/NAME.json`` under ``benchmarks_dir`` and regenerate ``RESULTS.md`` there.
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+OUTPUT_ENVIRONMENT_VARIABLE = "HF_EXT_BENCH_OUTPUT"
 
-    Quick (smoke) runs go to ``results/quick/NAME.json`` and leave the table alone.
-    """
-    benchmarks_dir = Path(benchmarks_dir)
-    results_dir = benchmarks_dir / "results"
-    if result.get("quick"):
-        results_dir = results_dir / "quick"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{result['benchmark']}.json"
+
+def output_dir() -> Path:
+    """Where ``results/`` and ``RESULTS.md`` are written: ``$HF_EXT_BENCH_OUTPUT`` or this folder."""
+    return Path(os.environ.get(OUTPUT_ENVIRONMENT_VARIABLE) or BENCHMARKS_DIR)
+
+
+def results_dir(quick: bool) -> Path:
+    """``results/`` of the output folder, or ``results/quick/`` for quick runs."""
+    return output_dir() / "results" / ("quick" if quick else "")
+
+
+def save_result(result: dict, figure=None) -> Path:
+    """Write ``results/NAME.json`` (quick runs: ``results/quick/NAME.json``), with ``figure`` (a matplotlib figure or
+    None) saved as ``NAME.png`` beside it, and regenerate ``RESULTS.md`` after a full run."""
+    directory = results_dir(result.get("quick", False))
+    directory.mkdir(parents=True, exist_ok=True)
+    result.setdefault("plots", [])
+    if figure is not None:
+        picture = save_figure(figure, directory / f"{result['benchmark']}.png")
+        if not result.get("quick"):
+            result["plots"] = [str(picture.relative_to(output_dir()))]
+    path = directory / f"{result['benchmark']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     if not result.get("quick"):
-        write_results_table(benchmarks_dir)
+        write_results_table(output_dir())
+    log(f"results in {path}")
     return path
 
+
+def log(message: str) -> None:
+    """Progress and summary lines of a benchmark, flushed at once (long runs are followed in a log file)."""
+    print(message, flush=True)
 
 
 def pyplot():
@@ -410,7 +435,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'hf-ext[plot]'): no plot written.", flush=True)
+        log("matplotlib is not installed (pip install 'hf-ext[plot]'): no plot written.")
         return None
     return plt
 
@@ -448,7 +473,8 @@ def write_results_table(benchmarks_dir: str | os.PathLike) -> Path:
     lines = [
         "# Benchmark results",
         "",
-        "Generated by `hf_ext.benchmarking` from `benchmarks/results/*.json`; do not edit by hand.",
+        "Generated by `benchmarks/harness.py` from `benchmarks/results/*.json`; do not edit by hand. "
+        "Run one benchmark with `python -m benchmarks.NAME` (`--quick` for a smoke run).",
         "Each benchmark measures hf_ext (candidate) against the library implementation it replaces (peer), "
         "in the same process, interleaved.",
         f"Ratio, unless the row says otherwise: {SPEED_RATIO_DEFINITION}.",
@@ -480,8 +506,11 @@ def write_results_table(benchmarks_dir: str | os.PathLike) -> Path:
                 )
                 + " |"
             )
-        # Benchmarks may add their own tables (markdown) and plots (paths relative to benchmarks/).
-        extra = [*result.get("markdown_tables", []), *(f"![{result['benchmark']}]({plot})" for plot in result.get("plots", []))]
+        # Per benchmark: what it means and why it is set up so (about/NAME.md, prose kept out of the code), then
+        # its own tables (markdown) and plots (paths relative to benchmarks/).
+        about = BENCHMARKS_DIR / "about" / f"{result['benchmark']}.md"
+        extra = [*([about.read_text().strip()] if about.is_file() else []), *result.get("markdown_tables", []),
+                 *(f"![{result['benchmark']}]({plot})" for plot in result.get("plots", []))]
         if extra:
             details += ["", f"## {result['benchmark']}"]
             for item in extra:
@@ -492,50 +521,46 @@ def write_results_table(benchmarks_dir: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Finding and running benchmark scripts
+# Running a benchmark
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def benchmark_dirs() -> list[Path]:
-    """Where benchmark scripts are looked for: ``./benchmarks`` first, then the ``benchmarks/`` of the repository."""
-    import hf_ext
-
-    candidates = [Path.cwd() / "benchmarks", Path(hf_ext.__file__).resolve().parents[1] / "benchmarks"]
-    found = []
-    for directory in candidates:
-        if directory.is_dir() and directory.resolve() not in [d.resolve() for d in found]:
-            found.append(directory)
-    return found
+def benchmark_names() -> list[str]:
+    """Every benchmark module of this folder (the files that define ``run``; helpers live in ``tasks/``)."""
+    skip = {"__init__", "__main__", "harness"}
+    return sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py") if p.stem not in skip and not p.stem.startswith("_"))
 
 
-def list_benchmarks() -> list[str]:
-    """Names accepted by `run_benchmark` (scripts ``benchmarks/NAME.py`` not starting with an underscore)."""
-    names = set()
-    for directory in benchmark_dirs():
-        names.update(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
-    return sorted(names)
+def run_benchmark(name_or_module, quick: bool = False, **overrides) -> dict:
+    """Run one benchmark (a name from `benchmark_names` or its module) with ``FULL`` or ``QUICK`` settings;
+    ``overrides`` replace single settings (unknown keys are an error). Returns the result document."""
+    module = name_or_module
+    if isinstance(name_or_module, str):
+        if name_or_module not in benchmark_names():
+            raise ValueError(f"Unknown benchmark {name_or_module!r}; available: {', '.join(benchmark_names())}.")
+        module = importlib.import_module(f"benchmarks.{name_or_module}")
+    return module.run(benchmark_settings(module.FULL, module.QUICK, quick, overrides), quick=quick)
 
 
-def load_benchmark(name: str):
-    """Import ``benchmarks/NAME.py`` as a module (registered in sys.modules: dataclasses and pickling look it up)."""
-    for directory in benchmark_dirs():
-        script = directory / f"{name}.py"
-        if script.is_file() and not name.startswith("_"):
-            break
-    else:
-        available = ", ".join(list_benchmarks()) or "none"
-        searched = ", ".join(str(d) for d in benchmark_dirs()) or "no benchmarks/ directory found"
-        raise ValueError(f"Unknown benchmark {name!r}; available: {available} (searched {searched}).")
-    module_name = f"hf_ext_benchmark_{name}"
-    spec = importlib.util.spec_from_file_location(module_name, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "main", None)):
-        raise ValueError(f"Benchmark script {script} defines no main(quick=False) function.")
-    return module
+def _setting(text: str) -> tuple[str, object]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string
 
 
-def run_benchmark(name: str, quick: bool = False) -> dict:
-    """Import ``benchmarks/NAME.py`` and return what its ``main(quick=quick)`` returns (the result document)."""
-    return load_benchmark(name).main(quick=quick)
+def main(argv: list[str] | None = None, module=None) -> dict:
+    """The command line of every benchmark: ``python -m benchmarks.NAME [--quick] [--set key=value ...]``.
+
+    ``module`` defaults to the one run as ``__main__``; values of ``--set`` are read as JSON where they parse."""
+    module = module or sys.modules["__main__"]
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module.NAME}",
+                                     description=(module.__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds into results/quick/")
+    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one setting (known: {', '.join(sorted(module.FULL))})")
+    arguments = parser.parse_args(argv)
+    return run_benchmark(module, quick=arguments.quick, **dict(arguments.set))

@@ -1,10 +1,9 @@
-"""Tests of benchmarks/ropetie_digit_canvas.py: the digit split, the canvas/question generator (every answer recomputed
-here from the cell grid, independently of the generator), rendering, encoding, and a quick run end to end.
-
-The quick run checks structure only (keys, checks, files, the RESULTS.md rendering); nothing asserts on an accuracy.
+"""Tests of the digit-canvas task of the `ropetie_digit_canvas` benchmark (benchmarks/tasks/digit_canvas.py and its
+training and report helpers): the digit split, the canvas/question generator (every answer recomputed here from the
+cell grid, independently of the generator), rendering, encoding, the learning-rate schedule, the worker processes and
+the generated reading of the results table.
 """
 
-import json
 import random
 import re
 from collections import Counter
@@ -12,26 +11,19 @@ from collections import Counter
 import pytest
 import torch
 
-from hf_ext import benchmarking
-from hf_ext.digit_canvas import WORDS
-
-NAME = "ropetie_digit_canvas"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return benchmarking.load_benchmark(NAME)
+from benchmarks.tasks.digit_canvas import (IGNORE_INDEX, WORDS, baselines, build_processor, encode, make_canvas,
+                                           make_examples, render, split_digits)
+from benchmarks.tasks.ropetie_report import interpretation
+from benchmarks.tasks.ropetie_training import learning_rate_factor, run_in_processes
 
 
 @pytest.fixture(scope="module")
-def pools(bench):
-    return bench.split_digits(eval_fraction=0.3, seed=0)
+def pools():
+    return split_digits(eval_fraction=0.3, seed=0)
 
 
 @pytest.fixture(scope="module")
 def processor():
-    from hf_ext.digit_canvas import build_processor
-
     return build_processor(patch_size=8, image_channels=1)
 
 
@@ -82,10 +74,10 @@ def test_digit_split_is_disjoint_and_faithful(pools):
 
 
 @pytest.mark.parametrize("size", [4, 6, 8])
-def test_every_answer_matches_the_grid(bench, size):
+def test_every_answer_matches_the_grid(size):
     rng = random.Random(size)
     for _ in range(300):
-        canvas = bench.make_canvas(rng, size, empty_probability=0.25, ask_limit=4)
+        canvas = make_canvas(rng, size, empty_probability=0.25, ask_limit=4)
         assert len(canvas.cells) == size and all(len(row) == size for row in canvas.cells)
         assert all(value is None or value in range(10) for row in canvas.cells for value in row)
         assert [q.kind for q in canvas.questions] == ["at", "count", "left_of", "above"]
@@ -100,25 +92,25 @@ def test_every_answer_matches_the_grid(bench, size):
         assert canvas.text().split()[0] == "<image>" and all(word in WORDS for word in canvas.text().split()[1:])
 
 
-def test_beyond_questions_ask_outside_the_trained_rows_and_columns(bench):
+def test_beyond_questions_ask_outside_the_trained_rows_and_columns():
     rng = random.Random(0)
     for _ in range(200):
-        canvas = bench.make_canvas(rng, 6, empty_probability=0.25, ask_limit=4, beyond=True)
+        canvas = make_canvas(rng, 6, empty_probability=0.25, ask_limit=4, beyond=True)
         question = canvas.questions[0]
         row, col = map(int, re.findall(r"\d+", question.text))
         assert question.kind == "at_beyond" and max(row, col) > 4 and max(row, col) <= 6
         assert question.answer == expected_answer(canvas.cells, question.text)
     with pytest.raises(ValueError):
-        bench.make_canvas(rng, 4, empty_probability=0.25, ask_limit=4, beyond=True)
+        make_canvas(rng, 4, empty_probability=0.25, ask_limit=4, beyond=True)
 
 
-def test_answer_distributions_are_balanced(bench):
+def test_answer_distributions_are_balanced():
     rng = random.Random(1)
     answers = {kind: Counter() for kind in ("at", "count", "left_of", "above")}
     edge = Counter()
     n = 3000
     for _ in range(n):
-        canvas = bench.make_canvas(rng, 6, empty_probability=0.25, ask_limit=4)
+        canvas = make_canvas(rng, 6, empty_probability=0.25, ask_limit=4)
         for question in canvas.questions:
             answers[question.kind][question.answer] += 1
         for question in canvas.questions[2:]:
@@ -132,11 +124,11 @@ def test_answer_distributions_are_balanced(bench):
     assert 0.15 < answers["at"]["none"] / n < 0.45  # empty cells, mostly the background's 25 %
 
 
-def test_render_puts_each_digit_image_in_its_cell(bench, pools):
+def test_render_puts_each_digit_image_in_its_cell(pools):
     pool = pools["eval"]
     rng = random.Random(2)
-    canvas = bench.make_canvas(rng, 5, empty_probability=0.25, ask_limit=4)
-    image, image_ids = bench.render(canvas.cells, pool, rng)
+    canvas = make_canvas(rng, 5, empty_probability=0.25, ask_limit=4)
+    image, image_ids = render(canvas.cells, pool, rng)
     assert image.shape == (40, 40)
     for r in range(5):
         for c in range(5):
@@ -148,16 +140,16 @@ def test_render_puts_each_digit_image_in_its_cell(bench, pools):
                 assert torch.equal(block, pool.images[image_ids[r][c]])
 
 
-def test_encode_labels_exactly_the_answers(bench, pools, processor):
-    examples = bench.make_examples(3, 4, pools["train"], seed=3, empty_probability=0.25, ask_limit=4)
-    batch = bench.encode(processor, examples)
+def test_encode_labels_exactly_the_answers(pools, processor):
+    examples = make_examples(3, 4, pools["train"], seed=3, empty_probability=0.25, ask_limit=4)
+    batch = encode(processor, examples)
     tokens = [processor.tokenizer.convert_ids_to_tokens(row.tolist()) for row in batch["input_ids"]]
     for row, (canvas, image) in enumerate(examples):
         # <image_start>, 16 patch tokens, <image_end>, the words, <eos>
         assert tokens[row][0] == "<image_start>" and tokens[row][17] == "<image_end>" and tokens[row][-1] == "<eos>"
         assert tokens[row][18:-1] == canvas.text().split()[1:]
         labelled = [(i, processor.tokenizer.convert_ids_to_tokens(int(t)))
-                    for i, t in enumerate(batch["labels"][row]) if t != bench.IGNORE_INDEX]
+                    for i, t in enumerate(batch["labels"][row]) if t != IGNORE_INDEX]
         assert [word for _, word in labelled] == [q.answer for q in canvas.questions] + ["<eos>"]
         for (position, word), question in zip(labelled, canvas.questions):
             assert tokens[row][position - 1] == "?" and word == question.answer
@@ -166,72 +158,32 @@ def test_encode_labels_exactly_the_answers(bench, pools, processor):
     assert batch["answer_positions"].tolist() == [i for i, _ in labelled[:-1]]
 
 
-def test_learning_rate_schedule(bench):
-    factor = bench.learning_rate_factor
+def test_learning_rate_schedule():
+    factor = learning_rate_factor
     assert factor(0, 10, 100) == pytest.approx(0.1) and factor(9, 10, 100) == pytest.approx(1.0)
     assert factor(10, 10, 100) == pytest.approx(1.0) and factor(100, 10, 100) == pytest.approx(0.0)
     assert factor(50, 10, 100, decay_fraction=0.25) == 1.0  # constant until the last quarter
     assert 0.0 < factor(90, 10, 100, decay_fraction=0.25) < 1.0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Quick run end to end
+def test_baselines_take_the_majority_answer_of_each_question_type():
+    answers = {"4/main": [["1", "2", "3", "none"], ["1", "5", "3", "6"], ["2", "5", "7", "6"]],
+               "6/beyond": [["none"], ["none"], ["4"]]}
+    table = baselines(answers)
+    assert table["4"]["at"] == {"majority_answer": "1", "majority_accuracy": pytest.approx(200 / 3), "chance": 100 / 11}
+    assert table["4"]["count"]["majority_answer"] == "5" and table["4"]["count"]["chance"] == 10.0
+    assert table["4"]["above"]["majority_answer"] == "6" and table["4"]["above"]["chance"] == pytest.approx(100 / 9)
+    assert table["6"] == {"at_beyond": {"majority_answer": "none", "majority_accuracy": pytest.approx(200 / 3),
+                                        "chance": 100 / 11}}
 
 
-@pytest.fixture(scope="module")
-def quick(bench, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("benchmarks")
-    threads = torch.get_num_threads()
-    try:
-        result = bench.run(bench.QUICK, quick=True, benchmarks_dir=directory)
-    finally:
-        torch.set_num_threads(threads)
-    return result, directory
+def test_worker_processes_return_each_call_and_report_failures():
+    assert run_in_processes("builtins:dict", [{"a": 1}, {"b": [2, 3]}], threads=1) == [{"a": 1}, {"b": [2, 3]}]
+    with pytest.raises(RuntimeError, match="exit codes"):
+        run_in_processes("builtins:no_such_function", [{}], threads=1)
 
 
-def test_quick_run_structure(bench, quick):
-    result, _ = quick
-    assert result["benchmark"] == NAME and result["quick"] is True
-    settings = result["settings"]
-    checks = result["checks"]
-    for name in ("same_data_order", "same_initial_weights", "digit_split_disjoint", "generate_matches_argmax_all",
-                 "all_finite"):
-        assert checks[name] is True, name
-    tables = result["tables"]
-    assert list(tables["accuracy"]) == settings["layouts"] == list(bench.LAYOUTS)
-    for layout, by_size in tables["accuracy"].items():
-        assert set(by_size) == {str(s) for s in settings["eval_sizes"]}
-        for size, by_kind in by_size.items():
-            expected = {"at", "count", "left_of", "above"} | ({"at_beyond"} if int(size) > 4 else set())
-            assert set(by_kind) == expected
-            assert all(0.0 <= value <= 100.0 for value in by_kind.values())
-        assert len(tables["train_loss_per_window"][layout]) == -(-settings["steps"] // bench.LOSS_WINDOW)
-        for key, answers in tables["predictions"][layout].items():
-            assert len(answers.split()) == settings["eval_canvases"], key
-    assert set(tables["baselines"]["4"]) == {"at", "count", "left_of", "above"}
-    example = tables["positions_example"]
-    assert len(example["tokens"]) == len(example["positions"]["flatten"][0]) == 1 + 6 + 1 + 8
-    assert [len(axes) for axes in example["positions"].values()] == [1, 3, 2, 2]
-    assert set(result["metrics"]) == {f"overall accuracy {s}×{s}{' (trained size)' if s == 4 else ''}: rope_tie_v2 "
-                                      "vs flatten" for s in settings["eval_sizes"]}
-    json.dumps(result)
-
-
-def test_quick_run_writes_to_quick_and_leaves_results_md_alone(quick, tmp_path):
-    result, directory = quick
-    saved = json.loads((directory / "results" / "quick" / f"{NAME}.json").read_text())
-    assert saved["benchmark"] == NAME
-    assert (directory / "results" / "quick" / f"{NAME}.png").exists()
-    assert result["plots"] == [] and not (directory / "RESULTS.md").exists()
-    assert not (directory / "results" / f"{NAME}.json").exists()
-    # a full result renders its table in RESULTS.md
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / f"{NAME}.json").write_text(json.dumps(dict(result, quick=False)))
-    text = benchmarking.write_results_table(tmp_path).read_text()
-    assert f"## {NAME}" in text and "| rope_tie_v2 | 4×4 (trained) |" in text and "rope_tie_v2 vs flatten" in text
-
-
-def test_interpretation_reads_the_table(bench):
+def test_interpretation_reads_the_table():
     """The generated reading names the best layout and the majority baseline of each size from the numbers given."""
     settings = {"train_size": 4, "eval_sizes": [4, 6]}
     kinds = ("at", "count", "left_of", "above")
@@ -242,34 +194,12 @@ def test_interpretation_reads_the_table(bench):
     base = {size: {kind: {"majority_accuracy": 10.0} for kind in kinds} for size in ("4", "6")}
     accuracy = {"flatten": scores(90.0, 20.0), "mrope": scores(85.0, 30.0), "rope_tie_v1": scores(95.0, 25.0),
                 "rope_tie_v2": scores(90.0, 60.0)}
-    text = bench.interpretation(accuracy, base, settings)
+    text = interpretation(accuracy, base, settings)
     assert "85.0–95.0 % overall (best: rope_tie_v1); every question type is above 80 %" in text
     assert "At 6×6: 20.0–60.0 % overall against 10.0 %" in text and "RoPE-Tie-v2 60.0 % (rank 1 of 4)" in text
     assert "flatten 90.0 / 20.0, mrope 85.0 / 30.0" in text
     assert "RoPE-Tie-v2 is the best layout at every larger canvas, as the blog expects." in text
     accuracy["rope_tie_v2"] = scores(90.0, 15.0)
-    text = bench.interpretation(accuracy, base, settings)
+    text = interpretation(accuracy, base, settings)
     assert "rank 4 of 4" in text and "does not support the blog's expectation" in text
     assert "within 10 points of the majority-answer baseline" not in text  # mrope is 20 points above it
-
-
-@pytest.mark.parametrize("size", [4, 6, 8])
-def test_question_to_cell_distances_of_the_docstring(processor, size):
-    """The row-axis distances from the first token after a size × size image to its rows, as the module docstring
-    states them for each layout (column 1)."""
-    from hf_ext.models.hfext.positions_hfext import build_position_ids
-
-    batch = processor(text=["<image> what"], images=[[torch.zeros(8 * size, 8 * size)]])
-    patches = batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image_patch>")
-    after_image = size * size + 1  # <image_start>, the patches, then <image_end>
-    expected = {
-        "flatten": lambda r: size * size + 1 - (r - 1) * size - 1,
-        "rope_tie_v1": lambda r: (size + 1) * (size + 1 - r),
-        "rope_tie_v2": lambda r: (size * size + size) / 2 + 1 - r,
-        "mrope": lambda r: size + 1 - r,
-    }
-    for layout, distance in expected.items():
-        positions = build_position_ids(patches, [[(size, size)]], layout, batch["attention_mask"])
-        row_axis = positions[1 if layout == "mrope" else 0, 0]  # mrope: (time, row, column)
-        for r in range(1, size + 1):
-            assert float(row_axis[after_image] - row_axis[1 + (r - 1) * size]) == distance(r), (layout, r)
