@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,23 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Checks a benchmark records that must hold for its numbers to mean anything (equal data, equal starting weights,
+# finite losses, exact equivalences); other booleans in `checks` are observations and may be false.
+MUST_HOLD = re.compile(r"passed|all_finite|generate_matches_argmax_all|greedy_tokens_identical|same_data_order|"
+                       r"same_initial_weights|digit_split_disjoint|logits_passed|same_targets|same_kv_bytes|"
+                       r"kv_bytes_formula|.*_bitwise_equal|bit_identical.*")
+
+
+def _failed_checks(checks, path="checks") -> list[str]:
+    items = checks.items() if isinstance(checks, dict) else enumerate(checks) if isinstance(checks, list) else []
+    failed = []
+    for key, value in items:
+        if value is False and isinstance(key, str) and MUST_HOLD.fullmatch(key):
+            failed.append(f"{path}.{key}")
+        failed += _failed_checks(value, f"{path}.{key}")
+    return failed
+
+
 @pytest.mark.parametrize("name", harness.benchmark_names())
 def test_benchmark_runs_quick_and_writes_a_well_formed_result(name, tmp_path):
     module = importlib.import_module(f"benchmarks.{name}")
@@ -190,6 +208,7 @@ def test_benchmark_runs_quick_and_writes_a_well_formed_result(name, tmp_path):
     result = json.loads((tmp_path / "results" / "quick" / f"{name}.json").read_text())
     assert result["benchmark"] == name and result["quick"] is True
     assert result["candidate"] and result["peer"] and isinstance(result["checks"], dict)
+    assert _failed_checks(result["checks"]) == []
     assert set(module.QUICK) <= set(result["settings"])
     assert {"cpu", "torch", "transformers", "date"} <= set(result["machine"])
     assert result["metrics"], "a benchmark must report at least one metric"

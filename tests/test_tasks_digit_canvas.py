@@ -4,9 +4,13 @@ cell grid, independently of the generator), rendering, encoding, the learning-ra
 the generated reading of the results table.
 """
 
+import os
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from benchmarks.tasks.digit_canvas import (IGNORE_INDEX, WORDS, baselines, build
                                            make_examples, render, split_digits)
 from benchmarks.tasks.ropetie_report import interpretation
 from benchmarks.tasks.ropetie_training import learning_rate_factor, run_in_processes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +181,16 @@ def test_baselines_take_the_majority_answer_of_each_question_type():
     assert table["4"]["above"]["majority_answer"] == "6" and table["4"]["above"]["chance"] == pytest.approx(100 / 9)
     assert table["6"] == {"at_beyond": {"majority_answer": "none", "majority_accuracy": pytest.approx(200 / 3),
                                         "chance": 100 / 11}}
+
+
+def test_baselines_break_ties_the_same_way_in_every_process():
+    # A three-way tie between "9", "none" and "0". The iteration order of a set of strings follows PYTHONHASHSEED
+    # (seeds 0 and 1 order these three differently), so picking from a set would name another answer per run.
+    code = ("from benchmarks.tasks.digit_canvas import baselines; rows = [[a, '1', '1', '1'] for a in "
+            "('9', 'none', '0')]; print(baselines({'4/main': rows})['4']['at']['majority_answer'])")
+    chosen = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("0", "1")}
+    assert chosen == {"0"}
 
 
 def test_worker_processes_return_each_call_and_report_failures():

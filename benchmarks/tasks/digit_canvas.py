@@ -329,7 +329,7 @@ def baselines(answers: dict) -> dict:
         kinds = [BEYOND] if which == "beyond" else list(KINDS)
         for index, kind in enumerate(kinds):
             column = [row[index] for row in rows]
-            majority = max(set(column), key=column.count)
+            majority = max(sorted(set(column)), key=column.count)  # ties: the first in sorted order, every run
             table.setdefault(size, {})[kind] = {"majority_answer": majority,
                                                 "majority_accuracy": 100.0 * column.count(majority) / len(column),
                                                 "chance": 100.0 / ANSWER_OPTIONS[kind]}
