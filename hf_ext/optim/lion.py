@@ -33,7 +33,7 @@ class Lion(torch.optim.Optimizer):
             FSDP2 DTensors, which take the per-tensor path).
         fused: use a kernel compiled with ``torch.compile`` that makes one pass over memory per tensor (needs a C++
             compiler; compiles once, a few seconds, on the first step). On the parameters of a 135M model on CPU
-            it is about 5× faster than foreach and than ``lion_pytorch`` (``python -m benchmarks.lion_step_speed``).
+            it is 3-6× faster than foreach and than ``lion_pytorch`` (``python -m benchmarks.lion_step_speed``).
         state_dtype: dtype of the momentum. ``None`` keeps the parameter's dtype; ``torch.float32`` with bf16/fp16
             parameters keeps an fp32 momentum and does the arithmetic in fp32, rounding the parameter once per step.
 
