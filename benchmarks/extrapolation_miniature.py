@@ -283,9 +283,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     figure = plot(measured["accuracy"], n, f"HfExt {settings['model']['num_hidden_layers']}L×"
                   f"{settings['model']['hidden_size']} trained at N = {n} on Python docs ({settings['steps']} steps): "
                   "accuracy vs length")
-    result["total_seconds"] = time.perf_counter() - started
-    log(f"{result['total_seconds']:.0f} s in all")
-    save_result(result, figure)
+    save_result(result, figure, started)
     return result
 
 

@@ -403,9 +403,13 @@ def results_dir(quick: bool) -> Path:
     return output_dir() / "results" / ("quick" if quick else "")
 
 
-def save_result(result: dict, figure=None) -> Path:
+def save_result(result: dict, figure=None, started: float | None = None) -> Path:
     """Write ``results/NAME.json`` (quick runs: ``results/quick/NAME.json``), with ``figure`` (a matplotlib figure or
-    None) saved as ``NAME.png`` beside it, and regenerate ``RESULTS.md`` after a full run."""
+    None) saved as ``NAME.png`` beside it, and regenerate ``RESULTS.md`` after a full run. ``started`` (a
+    `time.perf_counter()` reading) records and prints the run's ``total_seconds``."""
+    if started is not None:
+        result["total_seconds"] = time.perf_counter() - started
+        log(f"{result['total_seconds']:.0f} s in all")
     directory = results_dir(result.get("quick", False))
     directory.mkdir(parents=True, exist_ok=True)
     result.setdefault("plots", [])

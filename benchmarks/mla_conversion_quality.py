@@ -174,8 +174,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     figure = plot(reference, ladder, fine_tuned_gqa, healing,
                   f"{model_name} → MLA: held-out perplexity vs KV cache ({settings['eval_blocks']}×"
                   f"{settings['block_size']} tokens of held-out Python docs)")
-    result["total_seconds"] = time.perf_counter() - started
-    save_result(result, figure)
+    save_result(result, figure, started)
     return result
 
 

@@ -288,9 +288,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     })
     result["markdown_tables"] = _markdown_tables(losses["loss"], passkey["passkey"], settings["loss_tail"],
                                                  training_length)
-    result["total_seconds"] = time.perf_counter() - started
-    save_result(result, figure)
-    log(f"{result['total_seconds']:.0f} s in all")
+    save_result(result, figure, started)
     return result
 
 

@@ -236,9 +236,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     result["markdown_tables"] = [markdown_table(accuracy, base, records, settings, parameters)]
     figure = plot(accuracy, base, settings, f"Digit canvas VQA, trained on {settings['train_size']}×"
                   f"{settings['train_size']}: held-out accuracy vs canvas size")
-    result["total_seconds"] = time.perf_counter() - started
-    log(f"{result['total_seconds']:.0f} s in all")
-    save_result(result, figure)
+    save_result(result, figure, started)
     return result
 
 

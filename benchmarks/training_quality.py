@@ -268,9 +268,7 @@ def run(settings: dict, quick: bool = False) -> dict:
                                                 spread_runs if len(spread_runs) > 1 else [])]
     figure = plot(runs, settings, f"HfExt {parameters / 1e6:.2f} M on Python docs, {settings['steps']} steps of "
                   f"{settings['batch_size']}×{settings['block_size']} tokens: clean held-out loss")
-    result["total_seconds"] = time.perf_counter() - started
-    save_result(result, figure)
-    log(f"{result['total_seconds']:.0f} s in all")
+    save_result(result, figure, started)
     return result
 
 

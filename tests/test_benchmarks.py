@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,8 @@ def test_save_result_writes_json_and_regenerates_the_table(output):
     machine_keys = ("platform", "cpu_count", "torch_threads", "python", "torch", "transformers", "peft", "diffusers")
     assert set(machine_keys) | {"date"} <= set(saved["machine"])
 
-    harness.save_result(_result("beta", 0.5))
+    started = time.perf_counter() - 2.0  # a run that began two seconds ago
+    assert json.loads(harness.save_result(_result("beta", 0.5), started=started).read_text())["total_seconds"] >= 2.0
     table = (output / "RESULTS.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| alpha") or line.startswith("| beta")]
     assert len(rows) == 2
