@@ -50,10 +50,11 @@ FULL = {
 }
 QUICK = {
     **FULL,
-    "loss_lengths": (256, 512),
-    "loss_tail": 128,
-    "passkey_lengths": (256, 512),
-    "training_length": 256,  # pretended: exercises every code path, says nothing about the model
+    "loss_lengths": (128, 256),
+    "loss_tail": 64,
+    "passkey_lengths": (256,),
+    "switch_check_tokens": 128,
+    "training_length": 128,  # pretended: exercises every code path, says nothing about the model
 }
 
 

@@ -46,8 +46,8 @@ FULL = {
     "validation_length": 256, "validation_window": 64, "validation_logn_length": 128, "max_length": None,
 }
 QUICK = {
-    "lengths": {512: _schedule(3, 3, 1, 1, 2), 1024: _schedule(3, 3, 1, 1, 2)},
-    "decode_context": 1024, "decode_steps": 8, "decode_repeats": 3,
+    "lengths": {256: _schedule(2, 1, 1, 0, 1), 512: _schedule(2, 1, 1, 0, 1)},
+    "decode_context": 512, "decode_steps": 4, "decode_repeats": 2,
     "validation_length": 256, "validation_window": 64, "validation_logn_length": 128, "max_length": None,
 }
 

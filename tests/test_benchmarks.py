@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -193,17 +194,39 @@ def _failed_checks(checks, path="checks") -> list[str]:
     return failed
 
 
+QUICK_TEST = "test_benchmark_runs_quick_and_writes_a_well_formed_result"
+
+
+@pytest.fixture(scope="module")
+def quick_runs(request, tmp_path_factory) -> dict:
+    """Starts the quick run of every selected benchmark, two processes at a time with one thread each (CI machines
+    have two cores; importing the stack is single-threaded, so pairs finish in about half the time of a row).
+    Returns {name: (future of the finished process, its output folder)}."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == QUICK_TEST]
+    pool = ThreadPoolExecutor(max_workers=2)
+    runs = {}
+    for name in selected:
+        output = tmp_path_factory.mktemp(name)
+        environment = dict(os.environ, **{harness.OUTPUT_ENVIRONMENT_VARIABLE: str(output),
+                                          harness.THREADS_ENVIRONMENT_VARIABLE: "1"})
+        command = [sys.executable, "-m", f"benchmarks.{name}", "--quick"]
+        runs[name] = (pool.submit(subprocess.run, command, cwd=REPOSITORY, env=environment, capture_output=True,
+                                  text=True, timeout=1200), output)
+    yield runs
+    pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.parametrize("name", harness.benchmark_names())
-def test_benchmark_runs_quick_and_writes_a_well_formed_result(name, tmp_path):
+def test_benchmark_runs_quick_and_writes_a_well_formed_result(name, quick_runs):
     module = importlib.import_module(f"benchmarks.{name}")
     assert module.NAME == name and isinstance(module.FULL, dict) and isinstance(module.QUICK, dict)
     assert set(module.QUICK) == set(module.FULL), "QUICK and FULL must name the same settings"
     lines = len((harness.BENCHMARKS_DIR / f"{name}.py").read_text().splitlines())
     assert lines <= 400, f"benchmarks/{name}.py has {lines} lines; the ceiling is 400 (goal 300)"
 
-    environment = dict(os.environ, **{harness.OUTPUT_ENVIRONMENT_VARIABLE: str(tmp_path)})
-    completed = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=REPOSITORY,
-                               env=environment, capture_output=True, text=True, timeout=1200)
+    future, tmp_path = quick_runs[name]
+    completed = future.result()
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     assert not (tmp_path / "results" / f"{name}.json").exists() and not (tmp_path / "RESULTS.md").exists()
