@@ -32,3 +32,11 @@ def test_pip_install_changes_none_of_the_installed_stack(tmp_path):
                if (key := name.lower().replace("_", "-")) in would_install}
     assert touched == {}, f"pip would replace (installed, new): {touched}"
     assert "hf-ext" in would_install
+
+
+def test_import_prints_nothing():
+    # With bitsandbytes installed on a CPU with AVX512-BF16, importing peft logs a warning about an optional Hub kernel;
+    # `import hf_ext` imports peft, and must stay silent all the same.
+    completed = subprocess.run([sys.executable, "-c", "import hf_ext"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0
+    assert (completed.stdout, completed.stderr) == ("", "")
