@@ -23,9 +23,9 @@ SCHEDULES = (*VP_BETA_SCHEDULES, "rectified_flow")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
-def vp_alphas_cumprod(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float,
-                      trained_betas=None) -> torch.Tensor:
-    """ᾱ_t for t = 0 … T−1 (float32), computed with the same float32 operations as diffusers' DDPM/DDIM schedulers,
+def vp_betas(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float, trained_betas=None,
+             rescale_betas_zero_snr: bool = False) -> torch.Tensor:
+    """β_t for t = 0 … T−1 (float32), computed with the same float32 operations as diffusers' DDPM/DDIM schedulers,
     so the arrays are bit-identical and sampler parity is not blurred by schedule rounding."""
     T = num_train_timesteps
     if trained_betas is not None:
@@ -45,7 +45,21 @@ def vp_alphas_cumprod(num_train_timesteps: int, beta_schedule: str, beta_start: 
         betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
     else:
         raise ValueError(f"beta_schedule={beta_schedule!r} is not a VP schedule; choose one of {VP_BETA_SCHEDULES}")
-    return torch.cumprod(1.0 - betas, dim=0)
+    return rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last timestep has zero signal (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", Algorithm 1): √ᾱ_t is shifted so that its last value is 0, then scaled so that its first value is
+    unchanged. ᾱ_{T−1} = 0 means an ε-prediction model cannot recover x0 at the top; the paper pairs it with
+    v_prediction and "trailing" spacing."""
+    sqrt_alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alphas_cumprod[0].clone(), sqrt_alphas_cumprod[-1].clone()
+    sqrt_alphas_cumprod -= last
+    sqrt_alphas_cumprod *= first / (first - last)
+    alphas_cumprod = sqrt_alphas_cumprod**2
+    alphas = torch.cat([alphas_cumprod[0:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1 - alphas
 
 
 def interpolate_log_alphas_cumprod(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
