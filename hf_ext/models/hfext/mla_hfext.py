@@ -12,7 +12,7 @@ They are equal by associativity (the tests check it at every decode step). The a
 step; the expanded form multiplies the whole cache by W_UK and W_UV at every step, which is what transformers'
 `DeepseekV3Attention` does. Shapes: batch b, heads h, query length s, key length t.
 
-This file is copied next to the weights by ``save_pretrained``: it imports only torch. The attention layer built on
+This file is copied next to the weights by ``save_pretrained``: it imports only torch and ops_hfext.py. The attention layer built on
 these kernels is `HfExtMLAttention` in modeling_hfext.py.
 """
 
@@ -20,6 +20,8 @@ import math
 
 import torch
 from torch import nn
+
+from .ops_hfext import zero_rows_without_visible_keys
 
 
 def _check_shapes(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv) -> int:
@@ -47,12 +49,13 @@ def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over keys in float32 (float64 stays float64). ``mask``: additive float, or boolean (True = attend);
     a boolean mask fills with the dtype's minimum instead of -inf so fully masked rows (left padding) stay finite."""
     scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask.to(scores.dtype)
-    return torch.softmax(scores, dim=-1)
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask.to(scores.dtype)
+    return zero_rows_without_visible_keys(torch.softmax(scores, dim=-1), mask)
 
 
 def mla_attention_expanded(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, scale: float, mask=None) -> torch.Tensor:

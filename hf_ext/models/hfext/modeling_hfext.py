@@ -22,7 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import create_causal_mask, create_masks_for_generate, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -39,7 +39,7 @@ from .mla_hfext import (
     rotate_interleaved,
     yarn_softmax_scale,
 )
-from .ops_hfext import apply_rotary, logn_query_scale, repeat_kv
+from .ops_hfext import apply_rotary, logn_query_scale, repeat_kv, zero_rows_without_visible_keys
 from .positions_hfext import (
     LAYOUT_FREQUENCY_ASSIGNMENT,
     build_position_ids,
@@ -182,6 +182,8 @@ def eager_attention_forward(
         attn_weights = attn_weights + attention_mask
     softmax_dtype = torch.promote_types(query.dtype, torch.float32)  # fp32 for half precision, fp64 stays fp64
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    if attention_mask is not None:
+        attn_weights = zero_rows_without_visible_keys(attn_weights, attention_mask)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
     return attn_output, attn_weights
@@ -325,6 +327,8 @@ class HfExtAttention(HfExtAttentionBase):
                                                              inv_freq)
         if past_key_values is not None:
             key_far, value = past_key_values.update(key_far, value, self.layer_idx)
+            # A static cache returns its whole buffer; the keys so far are its first `len(key_positions)` slots.
+            key_far, value = key_far[:, :, :key_positions.shape[1]], value[:, :, :key_positions.shape[1]]
         tail = min(key_far.shape[2], q_len + window - 1)
         tail_positions = key_positions[:, -tail:].clamp(min=0)
         tail_shift = tail_positions if leaky_factor is None else tail_positions - far_key_positions(tail_positions,
@@ -732,8 +736,16 @@ class HfExtModel(HfExtPreTrainedModel):
         for layer in layers:
             if layer.layer_type in inputs:
                 continue
-            if past_key_values is not None:
-                kv_length, kv_offset = past_key_values.get_mask_sizes(q_len, layer.self_attn.layer_idx)
+            layer_idx = layer.self_attn.layer_idx
+            cache_layer = (getattr(past_key_values, "layers", None) or [None] * (layer_idx + 1))[layer_idx]
+            if getattr(cache_layer, "is_compileable", False):  # a static cache: keys of the whole buffer come back
+                if getattr(cache_layer, "is_sliding", False):
+                    raise ValueError(f"rerope_mode={self.config.rerope_mode!r} on a sliding-window layer (layer "
+                                     f"{layer_idx}) needs the dynamic cache; a static sliding-window cache keeps "
+                                     "its keys in a ring buffer out of order. Use cache_implementation='dynamic'.")
+                kv_length, kv_offset = past_key_values.get_seq_length(layer_idx) + q_len, 0
+            elif past_key_values is not None:
+                kv_length, kv_offset = past_key_values.get_mask_sizes(q_len, layer_idx)
             else:
                 kv_length, kv_offset = q_len, 0
             inputs[layer.layer_type] = {
@@ -831,9 +843,30 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
             model_kwargs["position_ids"] = positions.repeat_interleave(expand_size, dim=positions.dim() - 2)
         return input_ids, model_kwargs
 
+    def create_masks_for_generate(self, *args, **kwargs):
+        """With a static cache `generate` prepares 4D masks up front; ReRoPE layers read key positions from the 2D
+        mask, so with `rerope_mode` on it goes through as it is (the model builds the other layers' masks itself)."""
+        if self.config.rerope_mode != "off":
+            return kwargs.get("attention_mask")
+        return create_masks_for_generate(*args, **kwargs)
+
+    def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
+        """A draft model's `generate` inside assisted decoding gets no mask when the main model's was all ones
+        (transformers drops it), and would then take every generated ``pad_token_id`` for padding — a hole in the
+        middle of the sequence, which ReRoPE refuses. No mask there means no padding: all ones."""
+        if getattr(generation_config, "is_assistant", False):
+            return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
+        return super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
+
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         """The images go into the prompt's forward only: later steps read them from the cache. Recent transformers
-        drop `pixel_values` outside the prefill themselves; older releases leave it to the model."""
+        drop `pixel_values` outside the prefill themselves; older releases leave it to the model. A forward over an
+        empty cache is a prefill whatever transformers calls it: a draft model in assisted decoding gets its first
+        forward flagged as a later one, and without the images it could not place the image tokens."""
+        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache") if cache is None else cache
+        if not is_first_iteration and (cache is None or cache.get_seq_length() == 0):
+            is_first_iteration = True
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
             inputs.pop("pixel_values", None)

@@ -50,3 +50,14 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     batch, kv_heads, seq, dim = hidden_states.shape
     expanded = hidden_states[:, :, None, :, :].expand(batch, kv_heads, n_rep, seq, dim)
     return expanded.reshape(batch, kv_heads * n_rep, seq, dim)
+
+
+def zero_rows_without_visible_keys(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention weights of query rows whose mask hides every key set to 0 (their output is 0, as with sdpa).
+
+    An additive mask fills hidden entries with the dtype's minimum, not −inf, so such a row (a padded query whose
+    sliding window holds only padding) would otherwise average over *all* keys of the forward, later tokens included:
+    its logits would depend on how many tokens the forward holds, and assisted decoding, which verifies several
+    tokens in one forward, would disagree with token-by-token greedy search."""
+    hidden = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+    return weights.masked_fill(hidden.all(dim=-1, keepdim=True), 0.0)
