@@ -258,3 +258,16 @@ def test_bad_arguments_are_refused():
         get_lora_ga_model(get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])), config, [])
     with pytest.raises(ValueError, match="rank must be"):
         lora_ga_factors(torch.eye(4), torch.eye(4), 3, scaling=1.0)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_peft_keywords_adapter_name_and_autocast_adapter_dtype(autocast):
+    """As in get_peft_model: autocast_adapter_dtype=True keeps a bfloat16 base's adapter in float32, False in
+    bfloat16; adapter_name names the adapter."""
+    model, batches = tiny_llama(dtype=torch.bfloat16), token_batches(count=2)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    peft_model = get_lora_ga_model(model, config, batches, num_gradient_batches=2, adapter_name="ga",
+                                   autocast_adapter_dtype=autocast, show_progress=False)
+    adapter = [p for name, p in peft_model.named_parameters() if ".ga." in name and "lora_" in name]
+    assert adapter and {p.dtype for p in adapter} == {torch.float32 if autocast else torch.bfloat16}
+    assert peft_model.active_adapters == ["ga"]

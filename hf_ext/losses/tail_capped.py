@@ -21,7 +21,9 @@ class TailCappedLoss:
 
     With ``fused=True`` an `HfExtForCausalLM` in training mode computes the loss from its last hidden states through
     `loss_from_hidden_states` and returns ``logits=None``; for Llama-family models use
-    `hf_ext.losses.enable_fused_loss`. In eval mode the ordinary path runs and logits are returned.
+    `hf_ext.losses.enable_fused_loss`. In eval mode the ordinary path runs and logits are returned. As
+    ``compute_loss_func`` (which receives full logits) only ``fused=False`` is accepted. TRL's `SFTTrainer` computes
+    its own loss and never calls ``model.loss_function``: use `hf_ext.trl.TailCappedSFTTrainer` there.
 
     Args:
         gamma: γ in [0, 1). 0 is exactly cross-entropy; the TaiLr scripts use 0.1 (translation) to 0.8
@@ -57,6 +59,14 @@ class TailCappedLoss:
         is the model's output, or as ``(logits=, labels=, vocab_size=, num_items_in_batch=, shift_labels=)`` by a
         model's forward. Extra keyword arguments (such as ``ignore_index``) are ignored: the object's own apply."""
         if hasattr(logits, "logits"):  # a ModelOutput from Trainer.compute_loss
+            if self.fused:
+                raise ValueError(
+                    "TailCappedLoss(fused=True) was given the model's output with full logits, as Trainer's and TRL "
+                    "SFTTrainer's compute_loss_func are: the logits are already built, so nothing would be fused. "
+                    "For the fused loss: HfExt models take model.loss_function = TailCappedLoss(..., fused=True), "
+                    "Llama-family models hf_ext.losses.enable_fused_loss(model, loss) (with transformers' Trainer), "
+                    "and under TRL use hf_ext.trl.TailCappedSFTTrainer(..., tail_capped_loss=loss). Or pass "
+                    "fused=False to use it as compute_loss_func on full logits.")
             logits = logits.logits
         targets = self._targets(labels, shift_labels, logits.device)
         losses, valid = tail_capped_token_losses(logits.reshape(-1, logits.shape[-1]), targets, self.gamma,

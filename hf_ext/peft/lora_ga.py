@@ -168,6 +168,8 @@ def get_lora_ga_model(
     power_iterations: int = 4,
     seed: int = 0,
     adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
     show_progress: bool = True,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model initialised by LoRA-GA (arXiv 2407.05000), base weights untouched.
@@ -184,6 +186,9 @@ def get_lora_ga_model(
     model's output is unchanged at initialisation (tested) and the returned model saves as a standard rank-2r LoRA
     adapter (see the module docstring). ``lora_config`` supplies r, lora_alpha, use_rslora (recommended by the
     paper), target_modules, lora_dropout, rank_pattern/alpha_pattern and task_type; DoRA and LoRA biases are refused.
+    ``adapter_name``, ``autocast_adapter_dtype`` and ``revision`` mean what they mean in PEFT's `get_peft_model`: with
+    ``autocast_adapter_dtype=False`` the factors of a float16/bfloat16 base stay in its dtype (PEFT's default, True,
+    keeps them in float32).
 
     Example::
 
@@ -205,7 +210,8 @@ def get_lora_ga_model(
         raise ValueError(f"power_iterations must be an int >= 0, got {power_iterations!r}")
     batches = take_batches(dataloader, num_gradient_batches)
 
-    peft_model = get_peft_model(model, _doubled_rank_config(lora_config), adapter_name=adapter_name)
+    peft_model = get_peft_model(model, _doubled_rank_config(lora_config), adapter_name=adapter_name,
+                                autocast_adapter_dtype=autocast_adapter_dtype, revision=revision)
     lora_layers = {name: module for name, module in peft_model.named_modules()
                    if isinstance(module, LoraLayer) and adapter_name in module.r}
     try:

@@ -6,6 +6,7 @@ and writes the comparison.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -56,6 +57,11 @@ def main(output: str) -> None:
         with open(output, "w") as handle:
             json.dump(result, handle)
     dist.barrier()
+    # Both ranks are done: leave without the process group's teardown, which can wait for a peer that has already
+    # exited or abort at interpreter shutdown (see training_ranks.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -150,9 +150,10 @@ def main() -> None:
     if rank == 0:
         output.write_text(json.dumps(result))
     dist.barrier()
-    dist.destroy_process_group()
-    # FSDP2 leaves a gloo worker thread that occasionally aborts the interpreter's shutdown ("terminate called
-    # without an active exception", about 1 run in 8 here) after all work is done: end the process directly.
+    # Past the barrier both ranks are done; end the process directly rather than through destroy_process_group or
+    # the interpreter's shutdown. destroy_process_group can wait forever for a peer that has already exited (seen
+    # once with torch 2.6: rank 0 idle in it for 10 minutes after rank 1 left), and FSDP2 leaves a gloo worker
+    # thread that occasionally aborts the shutdown ("terminate called without an active exception", 1 run in 8).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
