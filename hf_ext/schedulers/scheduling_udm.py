@@ -18,10 +18,11 @@ Keywords given to `from_config` win. DDIM estimates noise from the *unclipped* m
 "predict then correct" uses the clipped x̂0, which is what DDPM does (with ``clip_sample=False`` the two coincide).
 Like DDPM, `step` works before `set_timesteps` (on the training grid, t → t − 1); like DDIM, at a training timestep
 that is not listed (t → t − T//N).
-* Probability-flow ODE: η = 0. The step is then Euler's method for the ODE written in y = x/a and τ = b/a
-  (dy/dτ = ε̂), which is why DDIM is exact for straight paths; ``solver="heun"`` adds Heun's correction in the same
-  variables (second order, 2 model calls per step, the last step to clean data Euler). ``time_type="continuous"``
-  allows real timesteps (ᾱ interpolated in log space between the trained integer timesteps).
+
+Probability-flow ODE: η = 0. The step is then Euler's method for the ODE written in y = x/a and τ = b/a
+(dy/dτ = ε̂), which is why DDIM is exact for straight paths; ``solver="heun"`` adds Heun's correction in the same
+variables (second order, 2 model calls per step, the last step to clean data Euler). ``time_type="continuous"``
+allows real timesteps (ᾱ interpolated in log space between the trained integer timesteps).
 
 ``step_convention`` says where a step goes and when it adds noise. "udm" (the default of `UDMScheduler()`): to the
 next *listed* timestep, no noise on the step to clean data. "ddpm": the same target, noise whenever t > 0 (DDPM adds
