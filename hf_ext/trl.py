@@ -12,6 +12,7 @@ Requires ``trl`` (``pip install trl``).
 
 from __future__ import annotations
 
+import trl
 from trl import SFTTrainer
 
 from .losses import TailCappedLoss
@@ -53,7 +54,7 @@ class TailCappedSFTTrainer(SFTTrainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("TailCappedSFTTrainer computes the tail-capped loss itself; leave compute_loss_func unset")
         super().__init__(*args, **kwargs)
-        if self.args.loss_type != "nll":
+        if getattr(self.args, "loss_type", "nll") != "nll":
             raise ValueError(f"TailCappedSFTTrainer: SFTConfig.loss_type must be 'nll' (the tail-capped weights "
                              f"replace it), got {self.args.loss_type!r}")
         if self.label_smoother is not None:
@@ -66,16 +67,24 @@ class TailCappedSFTTrainer(SFTTrainer):
         # lives only for this call: the model itself is left as it was, for other trainers and for inference.
         patched = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hook = patched.register_forward_hook(self._weight_target_log_probs, with_kwargs=True)
+        self._weighted_calls = 0
         try:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         finally:
             hook.remove()
+        if self._weighted_calls == 0:  # never train plain cross-entropy under this trainer's name
+            raise RuntimeError("TailCappedSFTTrainer: SFTTrainer computed this loss without its fused LM head "
+                               f"(trl {trl.__version__}), so the tail-capped weights were not applied. With a TRL "
+                               "whose SFTTrainer calls the model's own loss, use SFTTrainer with "
+                               "model.loss_function = TailCappedLoss(...) or compute_loss_func=TailCappedLoss(...).")
+        return result
 
     def _weight_target_log_probs(self, module, args, kwargs, output):
         """Turn the fused head's per-target log p into w·log p; SFTTrainer's loss −Σ/count is then TaiLr's."""
         if not kwargs.get("fused_lm_head") or getattr(output, "log_probs", None) is None:
             return output
+        self._weighted_calls += 1
         loss = self.tail_capped_loss
         log_probs = output.log_probs
         weighted = tail_capped_weights(log_probs, loss.gamma, loss.min_weight).to(log_probs.dtype) * log_probs
