@@ -141,3 +141,16 @@ def test_lora_ga_initialised_model_trains_under_sft_trainer(tmp_path):
     parameters = dict(model.named_parameters())
     assert all(torch.equal(parameters[name], value) for name, value in frozen.items())
     assert any(not torch.equal(parameters[name], value) for name, value in adapters.items())
+
+
+def test_a_loss_computed_without_the_fused_head_is_refused(tmp_path, monkeypatch):
+    """Should SFTTrainer compute its loss some other way (another TRL release, another code path), the trainer
+    says so instead of returning plain cross-entropy under the tail-capped name."""
+    model = _model().train()
+    trainer = TailCappedSFTTrainer(model=model, args=_config(tmp_path), train_dataset=_dataset(),
+                                   processing_class=_tokenizer(), tail_capped_loss=TailCappedLoss(gamma=0.1))
+    batch = _first_batch(trainer)
+    monkeypatch.setattr(trl.SFTTrainer, "compute_loss",
+                        lambda self, model, inputs, **kwargs: model(**inputs).loss)  # the model's own loss
+    with pytest.raises(RuntimeError, match="without its fused LM head"):
+        trainer.compute_loss(model, dict(batch))
