@@ -287,3 +287,38 @@ def test_peft_config_refuses_bad_fields():
         GradientViewLoraConfig(r=2)
     with pytest.raises(ValueError, match="r must be a positive int"):
         GradientViewLoraConfig(r=0, target_modules=["q_proj"])
+
+
+def test_peft_type_answers_value_like_peft_enum_members(tmp_path):
+    """PEFT reads config.peft_type.value; asking for a mixed model gets PEFT's own refusal, not an AttributeError."""
+    import json
+
+    from hf_ext.peft import GradientViewLoraConfig
+
+    config = GradientViewLoraConfig(r=2, target_modules=["q_proj"])
+    assert config.peft_type.value == config.peft_type == "HFX_GRADIENT_VIEW_LORA"
+    with pytest.raises(ValueError, match="HFX_GRADIENT_VIEW_LORA.* is not compatible with the `PeftMixedModel`"):
+        get_peft_model(tiny_llama(), config, mixed=True)
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "HFX_GRADIENT_VIEW_LORA"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merging_into_a_half_precision_base_keeps_its_dtype(dtype):
+    from hf_ext.peft import GradientViewLoraConfig
+
+    peft_model = get_peft_model(tiny_llama(dtype=dtype), GradientViewLoraConfig(r=2, target_modules=["q_proj"]))
+    deltas = [p for name, p in peft_model.named_parameters() if "hfxgv_delta" in name]
+    assert {p.dtype for p in deltas} == {torch.float32}  # PEFT's autocast_adapter_dtype
+    with torch.no_grad():
+        for delta in deltas:
+            delta.normal_(0, 0.01)
+    ids = token_batches()[0]["input_ids"]
+    expected = peft_model(ids).logits
+    peft_model.merge_adapter()
+    assert all(module.weight.dtype == dtype for name, module in peft_model.named_modules() if name.endswith("q_proj"))
+    torch.testing.assert_close(peft_model(ids).logits, expected, rtol=0, atol=0.1)
+    peft_model.unmerge_adapter()
+    merged = peft_model.merge_and_unload()
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=0.1)

@@ -9,7 +9,22 @@ from peft.config import PeftConfig
 
 from ...optim.gradient_view import GRADIENT_VIEW_MODES
 
-PEFT_TYPE = "HFX_GRADIENT_VIEW_LORA"
+
+
+class PeftMethodName(str):
+    """A PEFT method's name that also answers ``.value``, as the members of PEFT's `PeftType` enum do.
+
+    PEFT's `register_peft_method` accepts only names already in its closed `PeftType` enum, so an outside method's
+    ``peft_type`` is a string; PEFT code reads ``config.peft_type.value`` (error messages, `PeftMixedModel`'s
+    compatibility check), which a plain string lacks. It is written to ``adapter_config.json`` as a plain string
+    and compares equal to one."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+PEFT_TYPE = PeftMethodName("HFX_GRADIENT_VIEW_LORA")
 
 
 @dataclass

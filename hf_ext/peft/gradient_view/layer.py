@@ -39,7 +39,9 @@ class GradientViewLinear(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for name in check_adapters_to_merge(self, adapter_names):
             if name in self.hfxgv_delta:
-                merged = self.get_base_layer().weight.data + self.get_delta_weight(name).detach()
+                weight = self.get_base_layer().weight
+                # ΔW may be float32 over a half-precision base (PEFT's autocast_adapter_dtype); the base keeps its dtype
+                merged = weight.data + self.get_delta_weight(name).detach().to(weight.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights of adapter {name}")
                 self.get_base_layer().weight.data = merged
@@ -48,7 +50,8 @@ class GradientViewLinear(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.get_base_layer().weight.data -= self.get_delta_weight(name).detach()
+            weight = self.get_base_layer().weight
+            weight.data -= self.get_delta_weight(name).detach().to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
