@@ -322,3 +322,26 @@ def test_merging_into_a_half_precision_base_keeps_its_dtype(dtype):
     merged = peft_model.merge_and_unload()
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == dtype
     torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=0.1)
+
+
+def test_an_ordinary_optimizer_stepping_the_dense_delta_is_refused(tmp_path):
+    """Any optimizer but GradientViewLoRA would train a full-rank ΔW: its first step raises, saying what to use;
+    the gradient-view optimizer (and other optimizers over other parameters) step as before."""
+    from hf_ext.peft import GradientViewLoraConfig
+
+    peft_model = get_peft_model(tiny_llama(), GradientViewLoraConfig(r=2, target_modules=["q_proj"]))
+    batch = token_batches()[0]
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    peft_model(**batch).loss.backward()
+    plain = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(RuntimeError, match="AdamW is about to step the dense ΔW.*gradient_view_optimizer"):
+        plain.step()
+    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters() if p.requires_grad)
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             save_strategy="no")
+    with pytest.raises(RuntimeError, match="about to step the dense ΔW"):
+        Trainer(peft_model, args, train_dataset=_TokenDataset(8)).train()
+    _train_peft(peft_model, token_batches()[:2], lr=1e-3)  # the gradient-view optimizer steps
+    other = torch.nn.Linear(2, 2)
+    other(torch.ones(1, 2)).sum().backward()
+    torch.optim.SGD(other.parameters(), lr=0.1).step()

@@ -9,6 +9,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.nn import functional as F
 
+from .guard import mark_gradient_view_delta
+
 
 class GradientViewLinear(nn.Module, BaseTunerLayer):
     """y = base(x) + x ΔWᵀ. ΔW is trained by `GradientViewLoRA` through low-rank factors, so every change it
@@ -30,7 +32,7 @@ class GradientViewLinear(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs) -> None:
         weight = self.get_base_layer().weight
-        self.hfxgv_delta[adapter_name] = nn.Parameter(torch.zeros_like(weight))
+        self.hfxgv_delta[adapter_name] = mark_gradient_view_delta(nn.Parameter(torch.zeros_like(weight)))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
