@@ -345,3 +345,35 @@ def test_an_ordinary_optimizer_stepping_the_dense_delta_is_refused(tmp_path):
     other = torch.nn.Linear(2, 2)
     other(torch.ones(1, 2)).sum().backward()
     torch.optim.SGD(other.parameters(), lr=0.1).step()
+
+
+def test_conv1d_targets_of_gpt2_train_save_reload_and_merge(tmp_path):
+    """GPT-2's projections are transformers' Conv1D (weight [in, out]); "all-linear" selects them."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hf_ext.peft import GradientViewLoraConfig
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(config)
+
+    model = gpt2()
+    ids = token_batches()[0]["input_ids"]
+    expected = model(ids).logits
+    peft_model = get_peft_model(model, GradientViewLoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    adapted = [name for name, module in peft_model.named_modules() if hasattr(module, "hfxgv_delta")]
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"c_attn", "c_proj", "c_fc"}
+    torch.testing.assert_close(peft_model(ids).logits, expected, rtol=0, atol=0)
+    _train_peft(peft_model, token_batches() * 2, lr=1e-2)
+    deltas = [p.detach() for n, p in peft_model.named_parameters() if "hfxgv_delta" in n]
+    assert max(torch.linalg.matrix_rank(d).item() for d in deltas) <= 2 and any(d.abs().max() > 0 for d in deltas)
+    peft_model.eval()
+    trained = peft_model(ids).logits
+    assert not torch.allclose(trained, expected)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(gpt2(), tmp_path).eval()
+    torch.testing.assert_close(reloaded(ids).logits, trained, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded.merge_and_unload()(ids).logits, trained, rtol=0, atol=1e-5)

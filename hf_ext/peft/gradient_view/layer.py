@@ -1,4 +1,4 @@
-"""The gradient-view LoRA layer: a Linear plus a dense trainable update ΔW (zero-initialised)."""
+"""The gradient-view LoRA layer: a Linear (or transformers' Conv1D) plus a dense trainable update ΔW, zero at first."""
 
 from __future__ import annotations
 
@@ -8,25 +8,35 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 from .guard import mark_gradient_view_delta
 
 
 class GradientViewLinear(nn.Module, BaseTunerLayer):
     """y = base(x) + x ΔWᵀ. ΔW is trained by `GradientViewLoRA` through low-rank factors, so every change it
-    receives is low-rank per step; its gradient is the full ∂L/∂W the optimizer projects."""
+    receives is low-rank per step; its gradient is the full ∂L/∂W the optimizer projects.
+
+    ΔW has the base weight's own layout: [out, in] for `torch.nn.Linear`, [in, out] for transformers' `Conv1D`
+    (GPT-2's fused projections, PEFT's ``fan_in_fan_out``), so merging is W + ΔW for both."""
 
     adapter_layer_names = ("hfxgv_delta",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"gradient-view LoRA adapts torch.nn.Linear layers only, got {type(base_layer).__name__}")
+        if isinstance(base_layer, nn.Linear):
+            self.fan_in_fan_out = False
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        elif isinstance(base_layer, Conv1D):
+            self.fan_in_fan_out = True
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            raise TypeError(f"gradient-view LoRA adapts torch.nn.Linear and transformers' Conv1D layers, got "
+                            f"{type(base_layer).__name__}")
         self.base_layer = base_layer
         self.hfxgv_delta = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self._active_adapter = adapter_name
         self.update_layer(adapter_name)
 
@@ -65,7 +75,9 @@ class GradientViewLinear(nn.Module, BaseTunerLayer):
             return result
         for name in self.active_adapters:
             if name in self.hfxgv_delta:
-                result = result + F.linear(x.to(self.hfxgv_delta[name].dtype), self.hfxgv_delta[name]).to(result.dtype)
+                delta = self.hfxgv_delta[name]
+                delta = delta.t() if self.fan_in_fan_out else delta  # F.linear computes x·Wᵀ
+                result = result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
         return result
 
     def __repr__(self) -> str:
