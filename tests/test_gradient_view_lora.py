@@ -377,3 +377,36 @@ def test_conv1d_targets_of_gpt2_train_save_reload_and_merge(tmp_path):
     reloaded = PeftModel.from_pretrained(gpt2(), tmp_path).eval()
     torch.testing.assert_close(reloaded(ids).logits, trained, rtol=0, atol=0)
     torch.testing.assert_close(reloaded.merge_and_unload()(ids).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_low_cpu_mem_usage_loading_and_the_optimizer_check_survive_peft_rebuilding_parameters(tmp_path):
+    """With low_cpu_mem_usage PEFT rebuilds each parameter on the meta device; the adapter still loads exactly and
+    an ordinary optimizer is still refused."""
+    from peft import PeftModel
+
+    from hf_ext.peft import GradientViewLoraConfig
+
+    config = GradientViewLoraConfig(r=2, target_modules=["q_proj"], init_weights=False)
+    trained = get_peft_model(tiny_llama(), config).eval()
+    ids = token_batches()[0]["input_ids"]
+    expected = trained(ids).logits
+    trained.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True, is_trainable=True)
+    torch.testing.assert_close(reloaded.eval()(ids).logits, expected, rtol=0, atol=0)
+    fresh = get_peft_model(tiny_llama(), GradientViewLoraConfig(r=2, target_modules=["q_proj"]), low_cpu_mem_usage=True)
+    for model in (reloaded, fresh):  # the check runs before the step, gradients or not
+        with pytest.raises(RuntimeError, match="about to step the dense ΔW"):
+            torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+
+
+def test_init_weights_false_starts_from_a_small_random_delta():
+    from hf_ext.peft import GradientViewLoraConfig
+
+    model, ids = tiny_llama(), token_batches()[0]["input_ids"]
+    expected = model(ids).logits
+    peft_model = get_peft_model(model, GradientViewLoraConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    deltas = [p for n, p in peft_model.named_parameters() if "hfxgv_delta" in n]
+    assert all(0 < d.abs().max() < 0.2 for d in deltas)
+    assert not torch.allclose(peft_model(ids).logits, expected)
+    with pytest.raises(ValueError, match="init_weights must be True or False"):
+        GradientViewLoraConfig(r=2, target_modules=["q_proj"], init_weights="gaussian")

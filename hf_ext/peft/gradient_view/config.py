@@ -43,6 +43,9 @@ class GradientViewLoraConfig(PeftConfig):
         default=None, metadata={"help": "Names (or a regex) of the Linear modules to adapt."})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained and saved whole."})
+    init_weights: bool = field(default=True, metadata={
+        "help": "True: ΔW starts at zero (the model starts as the base model). False: small random ΔW (N(0, 0.02²)), "
+                "PEFT's convention for checking that an adapter is applied, saved and merged."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +56,8 @@ class GradientViewLoraConfig(PeftConfig):
             raise ValueError(f"r must be a positive int, got {self.r!r}")
         if not isinstance(self.resample_every, int) or self.resample_every < 1:
             raise ValueError(f"resample_every must be a positive int, got {self.resample_every!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
         if self.target_modules is None:
             raise ValueError("target_modules is required (e.g. ['q_proj', 'v_proj'] or 'all-linear')")
         if isinstance(self.target_modules, list):

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from .guard import mark_gradient_view_delta
+from .guard import watch_gradient_view_layer
 
 
 class GradientViewLinear(nn.Module, BaseTunerLayer):
@@ -22,7 +22,7 @@ class GradientViewLinear(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("hfxgv_delta",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, init_weights: bool = True, **kwargs) -> None:
         super().__init__()
         if isinstance(base_layer, nn.Linear):
             self.fan_in_fan_out = False
@@ -38,11 +38,16 @@ class GradientViewLinear(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name)
+        self.update_layer(adapter_name, init_weights=init_weights)
+        watch_gradient_view_layer(self)
 
-    def update_layer(self, adapter_name: str, inference_mode: bool = False, **kwargs) -> None:
+    def update_layer(self, adapter_name: str, inference_mode: bool = False, init_weights: bool = True,
+                     **kwargs) -> None:
         weight = self.get_base_layer().weight
-        self.hfxgv_delta[adapter_name] = mark_gradient_view_delta(nn.Parameter(torch.zeros_like(weight)))
+        delta = torch.zeros_like(weight)
+        if not init_weights:  # PEFT's convention for tests: an adapter that changes the output from the start
+            nn.init.normal_(delta, std=0.02)
+        self.hfxgv_delta[adapter_name] = nn.Parameter(delta)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

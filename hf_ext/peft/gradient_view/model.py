@@ -17,9 +17,9 @@ class GradientViewLoraModel(BaseTuner):
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, GradientViewLinear):
-            target.update_layer(adapter_name, inference_mode=config.inference_mode)
+            target.update_layer(adapter_name, inference_mode=config.inference_mode, init_weights=config.init_weights)
             return
-        new_module = GradientViewLinear(target, adapter_name)
+        new_module = GradientViewLinear(target, adapter_name, init_weights=config.init_weights)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
