@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Run diffusers' own DDIMSchedulerTest and DDPMSchedulerTest against hf_ext's UDMScheduler (and, as a control, against
 # diffusers' classes). diffusers ships its tests only in its repository, so give a checkout of it:
-#   scripts/peer_scheduler_suite.sh /path/to/diffusers [extra pytest arguments]
+#   scripts/peer_suites/diffusers_schedulers.sh /path/to/diffusers [extra pytest arguments]
 # Uses the python of $VENV (default .venv). Nothing in the checkout is modified; the run happens in a temporary folder.
 set -euo pipefail
 checkout=${1:?usage: $0 /path/to/diffusers-checkout [pytest args]}
 shift
-python="$(cd "$(dirname "$0")/.." && pwd)/${VENV:-.venv}/bin/python"
+python="$(cd "$(dirname "$0")/../.." && pwd)/${VENV:-.venv}/bin/python"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/tests/schedulers" "$work/tests/others"
