@@ -192,3 +192,14 @@ def test_image_prompts_decode_the_same_in_every_mode(layout, cache):
         modes.append({"prompt_lookup_num_tokens": 3})
     for extra in modes:
         assert torch.equal(model.generate(**batch, cache_implementation=cache, **extra, **common), greedy), extra
+
+
+@torch.no_grad()
+def test_rerope_on_a_sliding_layer_refuses_the_static_cache_and_decodes_with_the_dynamic_one():
+    """A sliding layer wider than the ReRoPE window applies ReRoPE; a static sliding cache keeps its keys in a ring
+    buffer, out of order, so that combination is refused rather than decoded wrong."""
+    model = _model(hybrid_config(eos_token_id=None, rerope_mode="rerope", rerope_window=3))
+    ids = _prompt()
+    with pytest.raises(ValueError, match="sliding-window layer \\(layer 0\\) needs the dynamic cache"):
+        _generate(model, ids, do_sample=False, cache_implementation="static")
+    assert torch.equal(_generate(model, ids, do_sample=False), _generate(model, ids, do_sample=False, use_cache=False))

@@ -198,7 +198,6 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         defaults_used = self.config.get("_use_default_values")
         if defaults_used:
             self.register_to_config(_use_default_values=sorted(set(defaults_used) - set(SAMPLER_SETTINGS)))
-        self._heun_state = None  # (x_t, ε̂_t, a_t, b_t, s) between Heun's predictor and corrector calls
         # Until set_timesteps() the schedule is the training grid, as in DDPM: step(t) goes to t − 1.
         T = num_train_timesteps
         self._use_schedule(np.arange(T, 0, -1.0) if self.flow_schedule else np.arange(T - 1, -1, -1.0), None)
@@ -281,7 +280,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self._schedule
         if self.config.solver == "heun":
             self.timesteps = torch.cat([self._schedule[:1], self._schedule[1:].repeat_interleave(2)])
-        self._heun_state = None
+        self._heun_state = None  # (x_t, ε̂_t, a_t, b_t, s) between Heun's predictor and corrector calls
 
     def _stride(self) -> int:
         """T // N: DDIM's step length, and where any convention goes from a timestep that is not listed."""

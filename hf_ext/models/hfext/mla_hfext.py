@@ -12,8 +12,8 @@ They are equal by associativity (the tests check it at every decode step). The a
 step; the expanded form multiplies the whole cache by W_UK and W_UV at every step, which is what transformers'
 `DeepseekV3Attention` does. Shapes: batch b, heads h, query length s, key length t.
 
-This file is copied next to the weights by ``save_pretrained``: it imports only torch and ops_hfext.py. The attention layer built on
-these kernels is `HfExtMLAttention` in modeling_hfext.py.
+This file is copied next to the weights by ``save_pretrained``: it imports only torch and ops_hfext.py. The attention
+layer built on these kernels is `HfExtMLAttention` in modeling_hfext.py.
 """
 
 import math
@@ -47,7 +47,8 @@ def _rope_scores(q_rope: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over keys in float32 (float64 stays float64). ``mask``: additive float, or boolean (True = attend);
-    a boolean mask fills with the dtype's minimum instead of -inf so fully masked rows (left padding) stay finite."""
+    a boolean mask fills with the dtype's minimum rather than -inf (no NaN), and rows it hides entirely get zero
+    weights (`zero_rows_without_visible_keys`)."""
     scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
     if mask is None:
         return torch.softmax(scores, dim=-1)

@@ -737,17 +737,18 @@ class HfExtModel(HfExtPreTrainedModel):
             if layer.layer_type in inputs:
                 continue
             layer_idx = layer.self_attn.layer_idx
-            cache_layer = (getattr(past_key_values, "layers", None) or [None] * (layer_idx + 1))[layer_idx]
-            if getattr(cache_layer, "is_compileable", False):  # a static cache: keys of the whole buffer come back
-                if getattr(cache_layer, "is_sliding", False):
-                    raise ValueError(f"rerope_mode={self.config.rerope_mode!r} on a sliding-window layer (layer "
-                                     f"{layer_idx}) needs the dynamic cache; a static sliding-window cache keeps "
-                                     "its keys in a ring buffer out of order. Use cache_implementation='dynamic'.")
-                kv_length, kv_offset = past_key_values.get_seq_length(layer_idx) + q_len, 0
-            elif past_key_values is not None:
-                kv_length, kv_offset = past_key_values.get_mask_sizes(q_len, layer_idx)
-            else:
+            if past_key_values is None:
                 kv_length, kv_offset = q_len, 0
+            elif layer.self_attn.sliding_window is None:
+                # Every key so far, from the first: also what a static cache's buffer holds in its first slots (its
+                # get_mask_sizes reports the whole buffer instead).
+                kv_length, kv_offset = past_key_values.get_seq_length(layer_idx) + q_len, 0
+            elif getattr(past_key_values, "is_compileable", False):
+                raise ValueError(f"rerope_mode={self.config.rerope_mode!r} on a sliding-window layer (layer "
+                                 f"{layer_idx}) needs the dynamic cache; a static sliding-window cache keeps its "
+                                 "keys in a ring buffer out of order. Use cache_implementation='dynamic'.")
+            else:
+                kv_length, kv_offset = past_key_values.get_mask_sizes(q_len, layer_idx)
             inputs[layer.layer_type] = {
                 "key_positions": key_positions_from_mask(attention_mask, batch, kv_length, kv_offset,
                                                          inputs_embeds.device),
@@ -863,8 +864,7 @@ class HfExtForCausalLM(HfExtPreTrainedModel, GenerationMixin):
         drop `pixel_values` outside the prefill themselves; older releases leave it to the model. A forward over an
         empty cache is a prefill whatever transformers calls it: a draft model in assisted decoding gets its first
         forward flagged as a later one, and without the images it could not place the image tokens."""
-        cache = kwargs.get("past_key_values")
-        cache = kwargs.get("cache") if cache is None else cache
+        cache = kwargs.get(CACHE_NAME)
         if not is_first_iteration and (cache is None or cache.get_seq_length() == 0):
             is_first_iteration = True
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

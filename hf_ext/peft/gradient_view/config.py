@@ -10,7 +10,6 @@ from peft.config import PeftConfig
 from ...optim.gradient_view import GRADIENT_VIEW_MODES
 
 
-
 class PeftMethodName(str):
     """A PEFT method's name that also answers ``.value``, as the members of PEFT's `PeftType` enum do.
 
