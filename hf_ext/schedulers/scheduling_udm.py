@@ -332,8 +332,9 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         """The step coefficients for ``timestep`` at ``index`` of the schedule (see `_coefficient_rows`); listed
         timesteps are computed once per schedule and η, others (index None) when they are stepped."""
         if index is None:
-            t = torch.tensor([float(self._timestep_value(timestep))])
-            return self._coefficient_rows(t, t - self._stride(), eta, use_clipped_model_output)[0]
+            t, s = (torch.tensor([float(self._timestep_value(value))]) for value in
+                    (timestep, self.previous_timestep(timestep)))
+            return self._coefficient_rows(t, s, eta, use_clipped_model_output)[0]
         key = (eta, use_clipped_model_output)
         if key not in self._coefficients:
             self._coefficients[key] = self._coefficient_rows(self._schedule.cpu(), self._targets, eta,
