@@ -259,6 +259,8 @@ def test_peft_method_in_lora_mode_equals_the_optimizer_on_raw_weights():
     batches = token_batches()
     config = GradientViewLoraConfig(r=2, lora_alpha=4, mode="lora", target_modules=["q_proj"])
     peft_model = get_peft_model(tiny_llama(torch.float64), config)
+    peft_layers = [layer.self_attn.q_proj for layer in peft_model.base_model.model.model.layers]
+    initial_A = [q_proj.hfxgv_lora_A["default"].detach().clone() for q_proj in peft_layers]
     _train_peft(peft_model, batches, lr=1e-2, seed=3)
 
     model = tiny_llama(torch.float64)
@@ -268,12 +270,13 @@ def test_peft_method_in_lora_mode_equals_the_optimizer_on_raw_weights():
     for w in weights:
         w.requires_grad_(True)
     optimizer = GradientViewLoRA(weights, rank=2, scaling=2.0, lr=1e-2, seed=3)
+    for w, lora_A in zip(weights, initial_A):  # the adapter's A is drawn by the layer, PEFT LoRA's way
+        optimizer.state[w]["lora_A"].copy_(lora_A)
     for batch in batches:
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    for layer, trained in zip(peft_model.base_model.model.model.layers, model.model.layers):
-        q_proj = layer.self_attn.q_proj
+    for q_proj, trained in zip(peft_layers, model.model.layers):
         torch.testing.assert_close(q_proj.base_layer.weight + q_proj.hfxgv_delta["default"],
                                    trained.self_attn.q_proj.weight, rtol=0, atol=1e-12)
 
@@ -410,3 +413,138 @@ def test_init_weights_false_starts_from_a_small_random_delta():
     assert not torch.allclose(peft_model(ids).logits, expected)
     with pytest.raises(ValueError, match="init_weights must be True or False"):
         GradientViewLoraConfig(r=2, target_modules=["q_proj"], init_weights="gaussian")
+
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "fixed_a"])
+def test_factor_modes_save_rank_r_factors_the_size_of_a_lora_adapter_and_reload_bit_for_bit(tmp_path, mode):
+    from peft import PeftModel
+
+    from hf_ext.peft import GradientViewLoraConfig
+
+    r, targets = 2, ["q_proj", "v_proj"]
+    peft_model = get_peft_model(tiny_llama(), GradientViewLoraConfig(r=r, lora_alpha=4, mode=mode,
+                                                                     target_modules=targets))
+    _train_peft(peft_model, token_batches() * 2, lr=1e-2)
+    deltas = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "hfxgv_delta" in n}
+    assert all(d.abs().max() > 0 for d in deltas.values())
+    peft_model.save_pretrained(tmp_path / "gv")
+    saved = _adapter_tensors(tmp_path / "gv")
+    assert saved and all(".hfxgv_lora_A" in k or ".hfxgv_lora_B" in k for k in saved)
+    assert len(saved) == 2 * len(deltas)
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=r, lora_alpha=4, target_modules=targets))
+    lora.save_pretrained(tmp_path / "lora")
+    lora_sizes = sorted(t.shape for t in _adapter_tensors(tmp_path / "lora").values())
+    assert sorted(t.shape for t in saved.values()) == lora_sizes  # Linear targets: B [out, r], A [r, in] as LoRA's
+
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "gv")
+    for name, p in reloaded.named_parameters():
+        if "hfxgv_delta" in name:
+            assert torch.equal(p, deltas[name])  # ΔW recomputed from the factors is the trained ΔW, bit for bit
+    for module in reloaded.modules():
+        if hasattr(module, "hfxgv_delta"):
+            base = module.base_layer.weight.detach().clone()
+            module.merge()
+            assert torch.equal(module.base_layer.weight, base + module.hfxgv_delta["default"])
+
+
+def test_resample_mode_saves_the_dense_delta(tmp_path):
+    from hf_ext.peft import GradientViewLoraConfig
+
+    peft_model = get_peft_model(tiny_llama(), GradientViewLoraConfig(r=2, mode="resample", resample_every=1,
+                                                                     target_modules=["q_proj"]))
+    _train_peft(peft_model, token_batches() * 2, lr=1e-2)
+    peft_model.save_pretrained(tmp_path)
+    saved = _adapter_tensors(tmp_path)
+    assert saved and all(k.endswith(".hfxgv_delta") for k in saved)
+    assert all(torch.linalg.matrix_rank(t).item() > 2 for t in saved.values())
+
+
+def test_resuming_from_the_adapter_and_optimizer_state_continues_bit_for_bit(tmp_path):
+    """The optimizer's state holds copies of the factors; loading it writes them back into the model's tensors."""
+    from peft import PeftModel
+
+    from hf_ext.peft import GradientViewLoraConfig, gradient_view_optimizer
+
+    config = GradientViewLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    batches = token_batches()
+
+    def train(model, optimizer, steps):
+        for batch in steps:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_llama(), config)
+    optimizer = gradient_view_optimizer(peft_model, lr=1e-2)
+    train(peft_model, optimizer, batches[:2])
+    peft_model.save_pretrained(tmp_path)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    train(peft_model, optimizer, batches[2:])
+
+    resumed = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    resumed_optimizer = gradient_view_optimizer(resumed, lr=1e-2)
+    resumed_optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    train(resumed, resumed_optimizer, batches[2:])
+    expected = dict(peft_model.named_parameters())
+    for name, p in resumed.named_parameters():
+        if "hfxgv_" in name:
+            assert torch.equal(p, expected[name]), name
+
+
+def test_an_optimizer_whose_settings_differ_from_the_adapter_is_refused():
+    from hf_ext.peft import GradientViewLoraConfig
+
+    peft_model = get_peft_model(tiny_llama(), GradientViewLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    deltas = [p for n, p in peft_model.named_parameters() if "hfxgv_delta" in n]
+    with pytest.raises(ValueError, match=r"rank=4.*made with mode='lora', r=2, scaling=2.0.*gradient_view_optimizer"):
+        GradientViewLoRA(deltas, rank=4, scaling=2.0, lr=1e-3)
+    with pytest.raises(ValueError, match="mode='fixed_a'"):
+        GradientViewLoRA(deltas, rank=2, mode="fixed_a", scaling=2.0, lr=1e-3)
+    optimizer = GradientViewLoRA(deltas, rank=2, scaling=2.0, lr=1e-3)  # the adapter's own settings: its factors
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert optimizer.state[deltas[0]]["lora_B"] is layer.hfxgv_lora_B["default"]
+
+
+def test_a_dense_delta_file_for_a_factor_mode_is_refused_with_the_way_to_load_it(tmp_path):
+    """An adapter written before factors were saved: refused, unchanged, and loadable as mode 'resample'."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from hf_ext.peft import GradientViewLoraConfig
+
+    peft_model = get_peft_model(tiny_llama(), GradientViewLoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path)
+    dense = {n.replace(".default", ""): torch.full_like(p, 0.01)
+             for n, p in peft_model.named_parameters() if "hfxgv_delta" in n}
+    save_file(dense, str(tmp_path / "adapter_model.safetensors"))
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="dense ΔW but no rank-2 factors.*\"mode\": \"resample\""):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "mode": "resample"}))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert all(torch.equal(p, torch.full_like(p, 0.01)) for n, p in reloaded.named_parameters() if "hfxgv_delta" in n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_factors_follow_the_adapter_dtype_and_stay_out_of_the_trainable_parameters(dtype):
+    from hf_ext.peft import GradientViewLoraConfig, gradient_view_optimizer
+
+    peft_model = get_peft_model(tiny_llama(dtype=dtype), GradientViewLoraConfig(r=2, target_modules=["q_proj"]))
+    factors = [p for n, p in peft_model.named_parameters() if "hfxgv_lora_" in n]
+    assert factors and {p.dtype for p in factors} == {torch.float32}  # PEFT's autocast_adapter_dtype
+    assert not any(p.requires_grad for p in factors)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("hfxgv_delta" in n for n in trainable)
+    optimizer = gradient_view_optimizer(peft_model, lr=1e-3)
+    assert len(optimizer.param_groups) == 1  # no factor slipped in as a "module to save"

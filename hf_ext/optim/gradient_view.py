@@ -14,8 +14,9 @@ s = scaling):
                   along the full gradient (Monte-Carlo test).
 
 Optimizer state is O(r(m+n)) per matrix instead of O(mn); W still receives a full gradient (what PEFT LoRA saves in
-activation memory, this does not). Parameters that are not matrices (biases, norms) go to the base optimizer as
-they are. Because it only reads ``p.grad``, gradient accumulation and DDP (which averages ``p.grad``) are exact.
+activation memory, this does not). Where a model layer holds the factors of a matrix (gradient-view LoRA as a PEFT
+method, whose adapter saves them), the optimizer trains those tensors and keeps the matrix (ΔW) exactly s·B A.
+Parameters that are not matrices (biases, norms) go to the base optimizer as they are. Because it only reads ``p.grad``, gradient accumulation and DDP (which averages ``p.grad``) are exact.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Iterable
 import torch
 
 from ._dtensor import is_dtensor
+from .model_held_factors import held_factors
 
 GRADIENT_VIEW_MODES = ("lora", "fixed_a", "resample")
 
@@ -67,6 +69,7 @@ class GradientViewLoRA(torch.optim.Optimizer):
         self.rank, self.mode, self.scaling = rank, mode, float(scaling)
         self.resample_every, self.seed = resample_every, seed
         self.steps = 0
+        self._held = set()  # ids of the matrices whose factors a model layer holds: kept exactly at s·B A
         base_groups = []
         for group in self.param_groups:
             base_params = []
@@ -95,6 +98,8 @@ class GradientViewLoRA(torch.optim.Optimizer):
         if self.rank > min(m, n):
             raise ValueError(f"rank={self.rank} is larger than min(m, n)={min(m, n)} of a {m}×{n} parameter")
         state = self.state[param]
+        if self._tie_to_held_factors(param):
+            return
         like = dict(dtype=param.dtype, device=param.device)
         state["lora_B"] = torch.zeros(m, self.rank, **like)
         if self.mode == "resample":
@@ -104,6 +109,22 @@ class GradientViewLoRA(torch.optim.Optimizer):
             # PEFT's LoRA init for A: kaiming-uniform(a=√5) of a Linear(n → r), i.e. U(-1/√n, 1/√n)
             bound = 1.0 / math.sqrt(n)
             state["lora_A"] = (torch.rand(self.rank, n, generator=self._generator(param, 0)) * 2 - 1).mul_(bound).to(**like)
+
+    def _tie_to_held_factors(self, param: torch.Tensor) -> bool:
+        """Train the factors a model layer holds for ``param`` (gradient-view LoRA's PEFT layers, whose adapter
+        saves them), if it holds any; they must have been made with this optimizer's settings."""
+        held = held_factors(param)
+        if held is None:
+            return False
+        mine, theirs = (self.mode, self.rank, self.scaling), (held.mode, held.rank, held.scaling)
+        if mine != theirs:
+            raise ValueError(
+                f"GradientViewLoRA(mode={self.mode!r}, rank={self.rank}, scaling={self.scaling}) cannot train "
+                f"{held.owner}, made with mode={held.mode!r}, r={held.rank}, scaling={held.scaling}: build the "
+                "optimizer with hf_ext.peft.gradient_view_optimizer(peft_model), which reads the adapter's config")
+        self.state[param]["lora_B"], self.state[param]["lora_A"] = held.lora_B, held.lora_A
+        self._held.add(id(param))
+        return True
 
     def _draw_projections(self, param: torch.Tensor, period: int) -> None:
         m, n = param.shape
@@ -146,12 +167,16 @@ class GradientViewLoRA(torch.optim.Optimizer):
             if param.grad.is_sparse:
                 raise RuntimeError("GradientViewLoRA does not support sparse gradients")
             self._set_factor_grads(param, param.grad)
-            before[param] = self._low_rank_term(param)
+            if id(param) not in self._held:
+                before[param] = self._low_rank_term(param)
         for group, base_group in zip(self.param_groups, self.base.param_groups):
             base_group.update({k: v for k, v in group.items() if k != "params"})  # schedulers change the outer lr
         self.base.step()
         for param in matrices:
-            param.add_(self._low_rank_term(param) - before[param])  # W = W0 + (the low-rank term)
+            if id(param) in self._held:
+                param.copy_(self._low_rank_term(param))  # ΔW = s·B A exactly, as the adapter file will say
+            else:
+                param.add_(self._low_rank_term(param) - before[param])  # W = W0 + (the low-rank term)
             for factor in self._trainable_factors(param):
                 factor.grad = None
         self.steps += 1
@@ -179,6 +204,12 @@ class GradientViewLoRA(torch.optim.Optimizer):
         if set(state_dict) != {"gradient_view", "base", "steps"}:
             raise ValueError("GradientViewLoRA.load_state_dict: expected a state dict saved by GradientViewLoRA")
         super().load_state_dict(state_dict["gradient_view"])
+        for param in (p for group in self.param_groups for p in group["params"] if id(p) in self._held):
+            # the loaded factors are copies: put their values into the tensors the model holds (and saves)
+            held = held_factors(param)
+            held.lora_B.copy_(self.state[param]["lora_B"])
+            held.lora_A.copy_(self.state[param]["lora_A"])
+            self.state[param]["lora_B"], self.state[param]["lora_A"] = held.lora_B, held.lora_A
         # the base optimizer's parameters are the factor tensors: point it at the reloaded ones, in the same order
         for group, base_group in zip(self.param_groups, self.base.param_groups):
             base_group["params"] = [t for p in group["params"]

@@ -31,7 +31,9 @@ class GradientViewLoraConfig(PeftConfig):
     """Low-rank training done in the optimizer: target layers get a trainable dense update ΔW (zero at first) that
     only `hf_ext.peft.gradient_view_optimizer` may change, through rank-``r`` factors (`GradientViewLoRA`).
 
-    The saved adapter is ΔW itself (dense: in mode ``"resample"`` the accumulated update is high-rank).
+    The saved adapter holds what is trained: the rank-r factors B and A of ΔW = s·B A in modes ``"lora"`` and
+    ``"fixed_a"`` (the size of a LoRA adapter of rank r), the dense ΔW in mode ``"resample"`` (its accumulated
+    update is high-rank).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the factors the optimizer trains."})
@@ -43,8 +45,9 @@ class GradientViewLoraConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained and saved whole."})
     init_weights: bool = field(default=True, metadata={
-        "help": "True: ΔW starts at zero (the model starts as the base model). False: small random ΔW (N(0, 0.02²)), "
-                "PEFT's convention for checking that an adapter is applied, saved and merged."})
+        "help": "True: ΔW starts at zero (the model starts as the base model). False: a small random ΔW (B drawn "
+                "from N(0, 0.02²) in modes 'lora'/'fixed_a', ΔW itself in mode 'resample'), PEFT's convention for "
+                "checking that an adapter is applied, saved and merged."})
 
     def __post_init__(self):
         super().__post_init__()
