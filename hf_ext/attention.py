@@ -105,6 +105,10 @@ def _rotary_settings(config, head_dim: int, implementation: str, attention_layer
         inv_freq, _ = _family_rotary_class(attention_layer).compute_default_rope_parameters(config)
     else:
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device=None)
+    if not (torch.isfinite(inv_freq).all() and (inv_freq > 0).all()):
+        raise ValueError(f"attn_implementation={implementation!r}: the rotary frequencies of {model_type} are not all "
+                         f"finite and positive; check rope_parameters (rope_theta must be a finite number > 0), "
+                         f"got {rope}.")
     if inv_freq.shape != (head_dim // 2,):
         raise ValueError(f"attn_implementation={implementation!r}: the rotary frequencies of {model_type} have shape "
                          f"{tuple(inv_freq.shape)}, expected ({head_dim // 2},) for head_dim={head_dim}.")
@@ -162,7 +166,11 @@ def rerope_config(config_or_path, *, rerope_window: int | None = None, rerope_le
     instead of at the first forward pass. Options left at None keep their defaults (module docstring).
     """
     from transformers import AutoConfig
+    from transformers.configuration_utils import PreTrainedConfig
 
+    if not isinstance(config_or_path, (str, bytes, PreTrainedConfig)) and not hasattr(config_or_path, "__fspath__"):
+        raise ValueError(f"config_or_path must be a transformers config (PreTrainedConfig) or a checkpoint path "
+                         f"(str or os.PathLike), got {config_or_path!r} ({type(config_or_path).__name__})")
     if isinstance(config_or_path, (str, bytes)) or hasattr(config_or_path, "__fspath__"):
         config = AutoConfig.from_pretrained(config_or_path, **from_pretrained_kwargs)
     else:

@@ -46,11 +46,11 @@ def hwfa_config(variant: str = "hwfa_rerope", *, num_hidden_layers: int, max_pos
     layers, length = num_hidden_layers, max_position_embeddings
     if variant == "hwfa":
         full = [layers - 1]
-        window = sliding_window or hwfa_window(layers, length)
+        window = hwfa_window(layers, length) if sliding_window is None else sliding_window
         position = lambda i: "none" if i in full else "rope"  # noqa: E731
     else:
         full = full_layer_indices(layers, num_full_layers)
-        window = sliding_window or max(2, 2 * length // layers)
+        window = max(2, 2 * length // layers) if sliding_window is None else sliding_window
         position = lambda i: "rope"  # noqa: E731
     return HfExtConfig(
         num_hidden_layers=layers,
@@ -60,6 +60,6 @@ def hwfa_config(variant: str = "hwfa_rerope", *, num_hidden_layers: int, max_pos
         position_encodings=[position(i) for i in range(layers)],
         logn_scaling=[i in full for i in range(layers)],
         logn_training_length=length,
-        rerope_window=rerope_window or max(1, length // 2),
+        rerope_window=max(1, length // 2) if rerope_window is None else rerope_window,
         **config_kwargs,
     )

@@ -110,8 +110,12 @@ def test_mla_head_dims_default_to_head_dim():
 
 
 def test_switching_rerope_on_at_run_time_is_refused_by_mla_layers():
+    """Refused on assignment (the config re-validates run-time options), and by the layer if it gets past that."""
     model = build(grouped_hybrid())
-    model.config.rerope_mode = "rerope"
+    with pytest.raises(ValueError, match="`rerope_mode='rerope'` is not supported with MLA layers"):
+        model.config.rerope_mode = "rerope"
+    assert model.config.rerope_mode == "off"
+    model.config.__dict__["rerope_mode"] = "rerope"
     with pytest.raises(ValueError, match="not supported by MLA layers"):
         model(random_ids(1, 4))
 

@@ -284,7 +284,7 @@ def test_dynamic_rope_is_rejected():
     "option, value, message",
     [("rerope_window", 0, "`rerope_window` must be a positive integer"),
      ("rerope_window", 2.5, "`rerope_window` must be a positive integer"),
-     ("rerope_leaky_factor", 0.5, "`rerope_leaky_factor` must be a number >= 1"),
+     ("rerope_leaky_factor", 0.5, "`rerope_leaky_factor` must be a finite number >= 1"),
      ("logn_scaling", "yes", "`logn_scaling` must be True or False")],
 )
 def test_bad_options_name_the_option(option, value, message):

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_integer
 from .sampling import solve_flow
 
 
@@ -22,6 +23,9 @@ class ReflowPairs:
                              f"{tuple(self.samples.shape)}")
         if len(self.noise) == 0:
             raise ValueError("ReflowPairs needs at least one pair")
+        if not (self.noise.is_floating_point() and self.samples.is_floating_point()):
+            raise ValueError(f"noise and samples must be floating-point tensors, got {self.noise.dtype} and "
+                             f"{self.samples.dtype}: convert them with .float()")
 
     def __len__(self) -> int:
         return len(self.noise)
@@ -57,8 +61,10 @@ def generate_reflow_pairs(model, num_pairs: int, sample_shape: tuple[int, ...], 
     The paper solves with adaptive RK45; Heun with 64 steps (127 model calls) is within its tolerance for smooth
     flows. ``sample_shape`` is one sample's shape, e.g. (3, 32, 32).
     """
-    if num_pairs < 1:
-        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    check_integer("num_pairs", num_pairs, low=1)
+    check_integer("batch_size", batch_size, low=1)
+    check_integer("num_inference_steps", num_inference_steps, low=1)
+    check_integer("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_pairs, *sample_shape), generator=generator)
     is_module = isinstance(model, torch.nn.Module)  # a plain callable velocity model works too

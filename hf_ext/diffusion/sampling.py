@@ -10,16 +10,21 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_integer
 from ..schedulers import ReFlowScheduler
 
 
 def predict_velocity(model, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Call a velocity model on a batch; ``timesteps`` is a float tensor [batch] of σ·T."""
+    """Call a velocity model on a batch; ``timesteps`` is a float tensor [batch] of σ·T. The velocity must have the
+    sample's shape: another one is refused (it would broadcast against the sample or the loss's target)."""
     output = model(sample, timesteps)
     if hasattr(output, "sample"):
-        return output.sample
-    if isinstance(output, tuple):
-        return output[0]
+        output = output.sample
+    elif isinstance(output, tuple):
+        output = output[0]
+    if output.shape != sample.shape:
+        raise ValueError(f"the model's output has shape {tuple(output.shape)} but the sample has shape "
+                         f"{tuple(sample.shape)}: a velocity model must return one value per sample value")
     return output
 
 
@@ -43,8 +48,8 @@ def solve_flow(model, noise: torch.Tensor, num_inference_steps: int = 32, solver
 
     ``batch_size`` splits a large ``noise`` tensor into chunks (the results are concatenated).
     """
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    check_integer("num_inference_steps", num_inference_steps, low=1)
+    check_integer("batch_size", batch_size, low=1, allow_none=True)
     chunks = noise.split(batch_size) if batch_size else (noise,)
     parts = [_solve_chunk(model, chunk, num_inference_steps, solver, num_train_timesteps, return_trajectory)
              for chunk in tqdm(chunks, desc="solving the flow ODE", disable=not show_progress or len(chunks) == 1)]

@@ -16,11 +16,15 @@ and differ only in where (noise, data) and σ come from:
 Every step draws its batch indices, noise and σ from a generator seeded by (seed, step, process), so a run resumed
 from a checkpoint continues exactly as if it had not stopped. Checkpoints are accelerate states (model, optimizer,
 learning-rate schedule) plus ``flow_training_state.json``, written to a temporary folder and renamed when complete.
+
+A step whose loss is NaN or inf (a NaN in the data, or a diverging run) makes no update: by default training stops
+there with an error; ``nonfinite_loss="skip"`` warns and goes on with the next batch.
 """
 
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_choice, check_integer, check_number
 from ..ops import flow
 from .pairs import ReflowPairs
 from .sampling import predict_velocity
@@ -41,6 +46,14 @@ class FlowTrainingArguments:
     """Settings of `train_rectified_flow`, `train_reflow` and `distill` (names follow transformers' TrainingArguments).
 
     ``optimizer_cls_and_kwargs`` replaces AdamW, e.g. ``(hf_ext.optim.Lion, {"lr": 3e-4})``.
+
+    ``nonfinite_loss``: what a step whose loss is NaN or inf does. ``"raise"`` (default): stop with a
+    FloatingPointError naming the step, before the batch reaches the weights. ``"skip"``: warn (RuntimeWarning), make
+    no update for that batch and go on; the step still counts (max_steps, learning-rate schedule) and its loss is
+    recorded as it was. The values and error types are those of the optimizers' ``nonfinite_grads`` (`hf_ext.optim.
+    Lion`), which checks gradients; this checks the loss, which is read for logging anyway, so it adds no host sync.
+    With several processes they agree: a non-finite loss on any of them stops or skips the step on all (their
+    gradients are averaged). A finite loss with non-finite gradients is left to the optimizer (or fp16's scaler).
     """
 
     output_dir: str | None = None  # checkpoints go to output_dir/checkpoint-STEP; None: no checkpoints
@@ -50,9 +63,9 @@ class FlowTrainingArguments:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_scheduler_type: str = "constant"  # after warm-up: "constant", "linear" or "cosine" decay to 0 at max_steps
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
     save_steps: int = 0  # 0: one checkpoint at the end (when output_dir is set)
-    save_total_limit: int | None = 2
+    save_total_limit: int | None = 2  # None or 0: keep every checkpoint
     logging_steps: int = 50
     seed: int = 0
     num_train_timesteps: int = 1000  # the model's time input is σ·num_train_timesteps
@@ -61,16 +74,23 @@ class FlowTrainingArguments:
     overwrite_output_dir: bool = False
     show_progress: bool = True
     optimizer_cls_and_kwargs: tuple | None = None
+    nonfinite_loss: str = "raise"  # a NaN/inf loss: "raise" stops training, "skip" warns and skips that batch
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "num_train_timesteps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_steps", "warmup_steps", "logging_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        # Counts are ints (2.5 or 2.0 would reach torch as a shape or a seed). Their range errors keep the wording
+        # "max_steps must be >= 1" that callers already match.
+        for name, low in (("max_steps", 1), ("batch_size", 1), ("num_train_timesteps", 1), ("save_steps", 0),
+                          ("warmup_steps", 0), ("logging_steps", 0)):
+            if check_integer(name, getattr(self, name)) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_integer("seed", self.seed)
+        check_integer("save_total_limit", self.save_total_limit, low=0, allow_none=True,
+                      why="None or 0: keep every checkpoint")
+        check_number("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        # A negative norm would flip the clipped gradient (ascent), a NaN one poison every weight.
+        check_number("max_grad_norm", self.max_grad_norm, low=0, allow_none=True, why="None or 0: no clipping")
+        check_choice("nonfinite_loss", self.nonfinite_loss, ("raise", "skip"))
         if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
             raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}; choose one of 'constant', 'linear', "
                              "'cosine'")
@@ -91,7 +111,10 @@ class FlowTrainingResult:
 
 def rectified_flow_loss(model, data: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
                         num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Mean squared error between v(x_σ, σ·T) and noise − data; ``sigma`` is a tensor [batch]."""
+    """Mean squared error between v(x_σ, σ·T) and noise − data; ``sigma`` is a tensor [batch].
+
+    The model's output must have the sample's shape (`predict_velocity` refuses another: the loss would broadcast).
+    """
     noisy = flow.add_flow_noise(data, noise, sigma)
     velocity = predict_velocity(model, noisy, sigma * num_train_timesteps)
     dtype = torch.promote_types(velocity.dtype, torch.float32)  # bf16/fp16 outputs: the loss in fp32
@@ -105,6 +128,10 @@ def train_rectified_flow(model, dataset, args: FlowTrainingArguments, accelerato
     with a ``"sample"`` or ``"pixel_values"`` tensor).
     """
     _check_dataset(dataset, "dataset")
+    dtype = _take(dataset, torch.zeros(1, dtype=torch.long)).dtype
+    if not dtype.is_floating_point:  # the Gaussian noise would be cast to it (randn → 0, ±1, ±2 …)
+        raise ValueError(f"dataset holds {dtype} samples; rectified flow needs floating-point data (its noise is "
+                         "Gaussian): convert it with .float()")
 
     def batch(generator, device):
         data = _take(dataset, _indices(len(dataset), args.batch_size, generator)).to(device)
@@ -132,7 +159,7 @@ def train_reflow(model, pairs: ReflowPairs, args: FlowTrainingArguments, acceler
 def distill(model, pairs: ReflowPairs, args: FlowTrainingArguments, num_steps: int = 1,
             accelerator=None) -> FlowTrainingResult:
     """Distil into a ``num_steps``-step Euler sampler: σ only at that sampler's grid 1, (k−1)/k, …, 1/k."""
-    if num_steps < 1:
+    if check_integer("num_steps", num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     pairs = ReflowPairs.coerce(pairs)
     grid = torch.arange(num_steps, 0, -1, dtype=torch.float32) / num_steps
@@ -177,13 +204,24 @@ def _train(model, args: FlowTrainingArguments, make_batch: Callable, accelerator
         data, noise, sigma = make_batch(generator, accelerator.device)
         with accelerator.autocast():
             loss = rectified_flow_loss(model, data, noise, sigma, args.num_train_timesteps)
-        accelerator.backward(loss)
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
+        # The step's one host sync (the loss is logged anyway), before the batch can reach the weights. With several
+        # processes their summed loss comes along (a sum keeps NaN, where max/min would drop it): a NaN on any of
+        # them would be in everyone's averaged gradient.
+        checked = loss.detach().reshape(1)
+        if accelerator.num_processes > 1:
+            checked = torch.cat([checked, accelerator.reduce(checked, "sum")])
+        loss_value, *summed = checked.tolist()
+        nonfinite = next((value for value in (loss_value, *summed) if not math.isfinite(value)), None)
+        if nonfinite is None:
+            accelerator.backward(loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+        else:
+            _nonfinite_loss(args, step, nonfinite)  # raises, or warns and leaves this batch out
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())
+        result.losses.append(loss_value)
         if args.logging_steps and (step + 1) % args.logging_steps == 0:
             progress.set_postfix(loss=f"{sum(result.losses[-args.logging_steps:]) / args.logging_steps:.4f}")
         last = step + 1 == args.max_steps
@@ -192,6 +230,15 @@ def _train(model, args: FlowTrainingArguments, make_batch: Callable, accelerator
     result.model = accelerator.unwrap_model(model)
     result.model.train(was_training)
     return result
+
+
+def _nonfinite_loss(args: FlowTrainingArguments, step: int, value: float) -> None:
+    problem = (f"step {step + 1} of {args.max_steps}: the loss is {value} (non-finite), likely a NaN or inf in the "
+               "data (or a diverging run)")
+    if args.nonfinite_loss == "raise":
+        raise FloatingPointError(f"{problem}; no update was made. Check the data with torch.isfinite, or pass "
+                                 "nonfinite_loss='skip' to skip such batches")
+    warnings.warn(f"{problem}; skipped this batch's update (nonfinite_loss='skip')", RuntimeWarning, stacklevel=4)
 
 
 def _learning_rate_factor(args: FlowTrainingArguments, step: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_choice, check_integer, check_number
 from ..ops.tail_capped import fused_linear_tail_capped_loss, tail_capped_token_losses
 
 
@@ -39,14 +40,12 @@ class TailCappedLoss:
 
     def __init__(self, gamma: float, min_weight: float = 0.0, ignore_index: int = -100, label_smoothing: float = 0.0,
                  fused: bool = False, chunk_size: int = 1024):
-        if not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
-            raise ValueError(f"TailCappedLoss: gamma must be in [0, 1), got {gamma!r}")
-        if not isinstance(min_weight, (int, float)) or not 0.0 <= min_weight <= 1.0:
-            raise ValueError(f"TailCappedLoss: min_weight must be in [0, 1], got {min_weight!r}")
-        if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"TailCappedLoss: label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"TailCappedLoss: chunk_size must be a positive int, got {chunk_size!r}")
+        check_number("TailCappedLoss: gamma", gamma, low=0.0, high=1.0, high_open=True)
+        check_number("TailCappedLoss: min_weight", min_weight, low=0.0, high=1.0)
+        check_number("TailCappedLoss: label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
+        check_integer("TailCappedLoss: chunk_size", chunk_size, low=1)
+        check_integer("TailCappedLoss: ignore_index", ignore_index)
+        check_choice("TailCappedLoss: fused", fused, (False, True))
         self.gamma, self.min_weight, self.ignore_index = float(gamma), float(min_weight), ignore_index
         self.label_smoothing, self.fused, self.chunk_size = float(label_smoothing), fused, chunk_size
 
@@ -69,6 +68,7 @@ class TailCappedLoss:
                     "fused=False to use it as compute_loss_func on full logits.")
             logits = logits.logits
         targets = self._targets(labels, shift_labels, logits.device)
+        _check_alignment("logits", logits, targets, labels, shift_labels)
         losses, valid = tail_capped_token_losses(logits.reshape(-1, logits.shape[-1]), targets, self.gamma,
                                                  self.min_weight, self.ignore_index, self.label_smoothing)
         return losses.sum() / self._divisor(num_items_in_batch, valid, losses.device)
@@ -77,6 +77,7 @@ class TailCappedLoss:
                                 num_items_in_batch=None, shift_labels=None, **kwargs) -> torch.Tensor:
         """The same loss from the last hidden states [B, T, d] and the output projection, chunked (fused path)."""
         targets = self._targets(labels, shift_labels, hidden_states.device)
+        _check_alignment("hidden_states", hidden_states, targets, labels, shift_labels)
         valid = targets != self.ignore_index
         return fused_linear_tail_capped_loss(
             hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head.weight, targets, lm_head.bias,
@@ -94,5 +95,23 @@ class TailCappedLoss:
         if num_items_in_batch is None:
             return valid.sum().clamp(min=1).float()
         if torch.is_tensor(num_items_in_batch):
+            if num_items_in_batch.device.type == "cpu":  # a device tensor is not read back: no host sync per step
+                _check_num_items(num_items_in_batch.item())
             return num_items_in_batch.to(device=device, dtype=torch.float32)
+        _check_num_items(num_items_in_batch)
         return torch.tensor(float(num_items_in_batch), device=device)
+
+
+def _check_num_items(value) -> None:
+    check_number("num_items_in_batch", value, low=0, low_open=True,
+                 why="the number of target tokens the loss is divided by; 0 means every label is ignore_index")
+
+
+def _check_alignment(name: str, scores: torch.Tensor, targets: torch.Tensor, labels, shift_labels) -> None:
+    """One target per scored position: misaligned labels would otherwise be reshaped into a wrong loss silently."""
+    positions = scores.numel() // scores.shape[-1]
+    if targets.numel() != positions:
+        given = "shift_labels" if shift_labels is not None else "labels"
+        shape = tuple((shift_labels if shift_labels is not None else labels).shape)
+        raise ValueError(f"TailCappedLoss: {given} of shape {shape} do not match {name} of shape "
+                         f"{tuple(scores.shape)}: expected one label per position, {tuple(scores.shape[:-1])}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_number
+
 LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 LORA_GA_SCALES = ("stable", "gd", "unit")
 
@@ -21,8 +23,7 @@ def check_lora_ga_options(direction: str, scale: str, stable_gamma: float) -> No
         raise ValueError(f"direction must be one of {LORA_GA_DIRECTIONS}, got {direction!r}")
     if scale not in LORA_GA_SCALES:
         raise ValueError(f"scale must be one of {LORA_GA_SCALES}, got {scale!r}")
-    if not stable_gamma > 0:
-        raise ValueError(f"stable_gamma must be > 0, got {stable_gamma!r}")
+    check_number("stable_gamma", stable_gamma, low=0, low_open=True)
 
 
 def lora_ga_factors(

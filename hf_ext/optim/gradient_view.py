@@ -21,15 +21,36 @@ Parameters that are not matrices (biases, norms) go to the base optimizer as the
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Iterable
 
 import torch
 
+from .._validation import check_choice, check_integer, check_number
 from ._dtensor import is_dtensor
+from .lion import NONFINITE_GRADS_OPTIONS, check_group_numbers, grads_are_finite
 from .model_held_factors import held_factors
 
 GRADIENT_VIEW_MODES = ("lora", "fixed_a", "resample")
+
+
+def _check_base_kwargs(base_optimizer: type, base_kwargs: dict) -> None:
+    """Refuse keywords the base optimizer does not take (torch would keep them in its groups and ignore them), and a
+    non-finite or negative ``lr`` / ``weight_decay``."""
+    for key in ("lr", "weight_decay"):
+        if key in base_kwargs:
+            check_number(key, base_kwargs[key], low=0)
+    parameters = inspect.signature(base_optimizer).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return  # it takes any keyword
+    accepted = sorted(p.name for p in parameters
+                      if p.name != "params" and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    unknown = sorted(set(base_kwargs) - set(accepted))
+    if unknown:
+        own = sorted(set(inspect.signature(GradientViewLoRA).parameters) - {"params", "base_kwargs"})
+        raise ValueError(f"GradientViewLoRA: unknown keyword argument(s) {unknown} for base_optimizer "
+                         f"{base_optimizer.__name__}, which accepts {accepted}; GradientViewLoRA's own are {own}")
 
 
 class GradientViewLoRA(torch.optim.Optimizer):
@@ -41,11 +62,17 @@ class GradientViewLoRA(torch.optim.Optimizer):
             through rank-``rank`` factors; others directly.
         rank: r of the factors (1 <= r <= min(m, n) for every matrix).
         mode: ``"lora"``, ``"fixed_a"`` or ``"resample"`` (see the module docstring).
-        scaling: s of the low-rank term (PEFT LoRA's lora_alpha / r).
-        resample_every: steps between fresh projections (mode ``"resample"``).
+        scaling: s of the low-rank term (PEFT LoRA's lora_alpha / r): finite and > 0 (at 0 nothing would train;
+            a negative s only flips the factors' sign).
+        resample_every: steps between fresh projections (mode ``"resample"``); skipped steps do not count.
         base_optimizer: the optimizer class stepping the factors (default `torch.optim.AdamW`).
         seed: seeds the random factors, per matrix and resampling period — identical on every DDP rank.
-        **base_kwargs: defaults for the base optimizer (``lr``, ``betas``, ``weight_decay``, …).
+        nonfinite_grads: as `Lion`'s: when a gradient holds NaN or inf, ``"raise"`` (default) raises
+            FloatingPointError before the factors' gradients are set and anything changes; ``"skip"`` skips the
+            whole step with a RuntimeWarning. One fused reduction and one host sync per step.
+        **base_kwargs: defaults for the base optimizer (``lr``, ``betas``, ``weight_decay``, …): keywords its
+            constructor does not take are refused; ``lr`` and ``weight_decay`` must be finite and >= 0 (checked
+            again at each step, where a scheduler may have set them).
 
     Example::
 
@@ -56,16 +83,19 @@ class GradientViewLoRA(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, *, rank: int, mode: str = "lora", scaling: float = 1.0,
                  resample_every: int = 200, base_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
-                 seed: int = 0, **base_kwargs):
-        if mode not in GRADIENT_VIEW_MODES:
-            raise ValueError(f"mode must be one of {GRADIENT_VIEW_MODES}, got {mode!r}")
-        if not isinstance(rank, int) or rank < 1:
+                 seed: int = 0, nonfinite_grads: str = "raise", **base_kwargs):
+        check_choice("mode", mode, GRADIENT_VIEW_MODES)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
-        if not isinstance(resample_every, int) or resample_every < 1:
-            raise ValueError(f"resample_every must be a positive int, got {resample_every!r}")
+        check_integer("resample_every", resample_every, low=1)
+        check_number("scaling", scaling, low=0, low_open=True, why="the low-rank term is scaling·B A: at 0 nothing "
+                     "trains")
+        self.nonfinite_grads = check_choice("nonfinite_grads", nonfinite_grads, NONFINITE_GRADS_OPTIONS)
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}")
+        _check_base_kwargs(base_optimizer, base_kwargs)
         super().__init__(params, dict(base_kwargs))
+        check_group_numbers("GradientViewLoRA", self.param_groups)
         self.rank, self.mode, self.scaling = rank, mode, float(scaling)
         self.resample_every, self.seed = resample_every, seed
         self.steps = 0
@@ -161,11 +191,16 @@ class GradientViewLoRA(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_group_numbers("GradientViewLoRA", self.param_groups)
         matrices = [p for g in self.param_groups for p in g["params"] if p.dim() == 2 and p.grad is not None]
-        before = {}
         for param in matrices:
             if param.grad.is_sparse:
                 raise RuntimeError("GradientViewLoRA does not support sparse gradients")
+        # every gradient (matrices and the parameters the base optimizer steps as they are), before any is projected
+        if not grads_are_finite("GradientViewLoRA", self, self.nonfinite_grads):
+            return loss
+        before = {}
+        for param in matrices:
             self._set_factor_grads(param, param.grad)
             if id(param) not in self._held:
                 before[param] = self._low_rank_term(param)
@@ -198,11 +233,22 @@ class GradientViewLoRA(torch.optim.Optimizer):
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"gradient_view": super().state_dict(), "base": self.base.state_dict(), "steps": self.steps}
+        return {"gradient_view": super().state_dict(), "base": self.base.state_dict(), "steps": self.steps,
+                "rank": self.rank, "mode": self.mode}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if set(state_dict) != {"gradient_view", "base", "steps"}:
+        if not {"gradient_view", "base", "steps"} <= set(state_dict) <= {"gradient_view", "base", "steps", "rank",
+                                                                          "mode"}:
             raise ValueError("GradientViewLoRA.load_state_dict: expected a state dict saved by GradientViewLoRA")
+        # The factors' shapes and meaning depend on rank and mode: loading another's would keep this optimizer's rank
+        # with the other's factors. A state saved before rank and mode were recorded gives its rank by its factors.
+        factors = (s["lora_B"] for s in state_dict["gradient_view"]["state"].values() if "lora_B" in s)
+        saved_rank = state_dict.get("rank", next((b.shape[1] for b in factors), self.rank))
+        saved_mode = state_dict.get("mode", self.mode)
+        if (saved_rank, saved_mode) != (self.rank, self.mode):
+            raise ValueError(f"GradientViewLoRA.load_state_dict: the state was saved with rank={saved_rank}, "
+                             f"mode={saved_mode!r} but this optimizer has rank={self.rank}, mode={self.mode!r}; "
+                             "build the optimizer with the saved rank and mode")
         super().load_state_dict(state_dict["gradient_view"])
         for param in (p for group in self.param_groups for p in group["params"] if id(p) in self._held):
             # the loaded factors are copies: put their values into the tensors the model holds (and saves)

@@ -2,14 +2,75 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 
+from .._validation import check_choice, check_number
 from ..ops.lion import lion_update_foreach, lion_update_fused, lion_update_single
 from ._dtensor import is_dtensor
 
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+NONFINITE_GRADS_OPTIONS = ("raise", "skip")
+_GROUP_OPTIONS = ("lr", "betas", "weight_decay", "maximize", "foreach", "fused", "state_dtype")  # Lion's own
+
+
+def check_group_numbers(owner: str, groups: list[dict]) -> None:
+    """Each group's ``lr`` and ``weight_decay`` (where present): finite and >= 0. Run at construction and at every
+    step, since a scheduler or the caller may set them in between (a few Python comparisons per group)."""
+    for index, group in enumerate(groups):
+        for key in ("lr", "weight_decay"):
+            if key in group:
+                check_number(f"{owner} param_groups[{index}][{key!r}]", group[key], low=0)
+
+
+def grads_are_finite(owner: str, optimizer: torch.optim.Optimizer, mode: str) -> bool:
+    """Whether the gradients of ``optimizer``'s parameters are all finite. If not: raise FloatingPointError
+    (``mode="raise"``) or warn and return False so that the caller skips the whole step (``mode="skip"``).
+
+    A single non-finite gradient would otherwise make the momentum NaN for good (inf - inf on the next step does the
+    same) and freeze the tensor in silence, so this runs before anything changes.
+    """
+    params = [(g, i, p) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])
+              if p.grad is not None]
+    if not params:
+        return True
+    grads = [p.grad.to_local() if is_dtensor(p.grad) else p.grad for _, _, p in params]
+    mesh = next((p.grad.device_mesh for _, _, p in params if is_dtensor(p.grad)), None)
+
+    def everywhere(flag: torch.Tensor) -> bool:
+        # FSDP2: each rank sees only its shards, so the ranks agree (MIN over the mesh) and all step, skip or raise
+        if mesh is not None:
+            flag = flag.to(torch.int32)
+            for dim in range(mesh.ndim):
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group(dim))
+        return bool(flag)
+
+    # The L2 norm of a tensor is finite when all its values are, and torch._foreach_norm computes all of them in one
+    # fused pass (on CPU it is also many times faster than the max-abs norm or isfinite); the bool() in everywhere()
+    # is the only host sync of a normal step, where a per-tensor check would stall a GPU once per tensor. A norm can
+    # also overflow for finite values (fp16 beyond 65504): such tensors alone are checked value by value.
+    norms = torch._foreach_norm(grads, 2)
+    norm_finite = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
+    if everywhere(norm_finite.all()):
+        return True
+    bad = [k for k, ok in enumerate(norm_finite.tolist()) if not ok and not torch.isfinite(grads[k]).all()]
+    if everywhere(torch.tensor(not bad, device=norms[0].device)):
+        return True
+    if bad:
+        group_index, index, param = params[bad[0]]
+        where = f"the gradient of parameter {index} of param group {group_index} (shape {tuple(param.shape)})"
+    else:
+        where = "the gradient of a parameter shard held by another rank"
+    if mode == "skip":
+        warnings.warn(f"{owner}: skipped a step (no parameter or state changed): {where} is not finite (NaN or inf); "
+                      "the loss was probably NaN or inf (e.g. an fp16 overflow)", RuntimeWarning, stacklevel=3)
+        return False
+    raise FloatingPointError(
+        f"{owner}: {where} is not finite (NaN or inf), so the step was refused before any parameter or state changed. "
+        "The loss was probably NaN or inf (e.g. an fp16 overflow): clip gradients (torch.nn.utils.clip_grad_norm_), "
+        'lower the learning rate, or pass nonfinite_grads="skip" to skip such steps')
 
 
 class Lion(torch.optim.Optimizer):
@@ -36,6 +97,11 @@ class Lion(torch.optim.Optimizer):
             it is 3-6× faster than foreach and than ``lion_pytorch`` (``python -m benchmarks.lion_step_speed``).
         state_dtype: dtype of the momentum. ``None`` keeps the parameter's dtype; ``torch.float32`` with bf16/fp16
             parameters keeps an fp32 momentum and does the arithmetic in fp32, rounding the parameter once per step.
+        nonfinite_grads: what a step does when a gradient holds NaN or inf (one NaN would make the momentum NaN and
+            freeze the tensor for good): ``"raise"`` (default) raises FloatingPointError before anything changes,
+            naming the parameter; ``"skip"`` skips the whole step (no parameter or momentum changes) with a
+            RuntimeWarning, as a gradient scaler does. The check costs one fused reduction and one host sync per
+            step. ``lr`` and ``weight_decay`` are checked again at each step (finite, >= 0): a scheduler may set them.
 
     All three kernels (per-tensor, foreach, fused) give bit-identical results, equal to ``lion_pytorch.Lion`` and
     bitsandbytes' 32-bit Lion (tested over 100 steps). `load_state_dict` keeps the momentum in the dtype it was
@@ -53,13 +119,17 @@ class Lion(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        nonfinite_grads: str = "raise",
     ):
-        if not isinstance(lr, (int, float)) or lr < 0:
-            raise ValueError(f"Lion: lr must be a number >= 0, got {lr!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        check_number("lr", lr, low=0)
+        if isinstance(lr, torch.Tensor):  # the kernels take lr as a Python scalar (alpha=, torch.tensor(lr))
+            raise ValueError(f"Lion: lr must be a Python number, not a tensor, got {lr!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Lion: betas must be two numbers in [0, 1), got {betas!r}")
-        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-            raise ValueError(f"Lion: weight_decay must be a number >= 0, got {weight_decay!r}")
+        for index, beta in enumerate(betas):
+            check_number(f"betas[{index}]", beta, low=0, high=1, high_open=True)
+        check_number("weight_decay", weight_decay, low=0)
+        self.nonfinite_grads = check_choice("nonfinite_grads", nonfinite_grads, NONFINITE_GRADS_OPTIONS)
         if state_dtype is not None and state_dtype not in _STATE_DTYPES:
             raise ValueError(f"Lion: state_dtype must be None or one of {list(_STATE_DTYPES)}, got {state_dtype!r}")
         if foreach and fused:
@@ -67,6 +137,7 @@ class Lion(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused, state_dtype=state_dtype)
         super().__init__(params, defaults)
+        check_group_numbers("Lion", self.param_groups)
         for group in self.param_groups:
             if group["fused"] and any(is_dtensor(p) for p in group["params"]):
                 raise ValueError("Lion: fused=True does not support DTensor (FSDP2) parameters; use fused=False")
@@ -84,19 +155,22 @@ class Lion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_group_numbers("Lion", self.param_groups)
+        work = []  # (group, params, grads): everything is checked before any state is created or weight moved
         for group in self.param_groups:
-            params, grads, momenta = [], [], []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            params = [param for param in group["params"] if param.grad is not None]
+            for param in params:
                 if param.grad.is_sparse:
                     raise RuntimeError("Lion does not support sparse gradients; use a dense embedding "
                                        "(nn.Embedding(sparse=False)) or a different optimizer for that parameter")
-                params.append(param)
-                grads.append(-param.grad if group["maximize"] else param.grad)
-                momenta.append(self._momentum(param, group))
-            if not params:
-                continue
+            if params:
+                work.append((group, params, [param.grad for param in params]))
+        if not grads_are_finite("Lion", self, self.nonfinite_grads):
+            return loss
+        for group, params, grads in work:
+            if group["maximize"]:
+                grads = [-grad for grad in grads]
+            momenta = [self._momentum(param, group) for param in params]
             beta1, beta2 = group["betas"]
             args = (group["lr"], beta1, beta2, group["weight_decay"])
             if group["fused"]:
@@ -109,7 +183,20 @@ class Lion(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict, keeping each momentum in the dtype it was saved in (fp32 state stays fp32)."""
+        """Load a state dict, keeping each momentum in the dtype it was saved in (fp32 state stays fp32).
+
+        A state dict of another optimizer is refused (torch's base class would take AdamW's ``exp_avg`` for Lion's
+        momentum and carry on)."""
+        for index, state in state_dict["state"].items():
+            if set(state) != {"exp_avg"}:
+                raise ValueError(f"Lion.load_state_dict: not a Lion state dict: the state of parameter {index} has "
+                                 f"keys {sorted(state)}; Lion's has exactly ['exp_avg'] (one momentum per "
+                                 "parameter). Was it saved by another optimizer (e.g. AdamW)?")
+        for index, group in enumerate(state_dict["param_groups"]):
+            missing = sorted(set(_GROUP_OPTIONS) - set(group))
+            if missing:
+                raise ValueError(f"Lion.load_state_dict: not a Lion state dict: param group {index} lacks Lion's "
+                                 f"options {missing} (it has {sorted(k for k in group if k != 'params')})")
         saved_momenta = {index: state["exp_avg"] for index, state in state_dict["state"].items() if "exp_avg" in state}
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):

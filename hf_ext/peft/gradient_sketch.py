@@ -51,7 +51,7 @@ class _LayerRangeFinder:
             product = inputs.T @ (output_grads @ probe)
         self.product = product if self.product is None else self.product.add_(product)
 
-    def finish_pass(self, num_batches: int, final: bool) -> None:
+    def finish_pass(self, num_batches: int, final: bool, name: str = "", first: bool = False) -> None:
         """Average the pass's product over batches (and ranks), then orthonormalise it into the next probe."""
         if self.product is None:
             raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
@@ -61,6 +61,8 @@ class _LayerRangeFinder:
             torch.distributed.all_reduce(product, op=torch.distributed.ReduceOp.SUM)
             product /= torch.distributed.get_world_size()
         self.product = None
+        if first:  # G·R with a Gaussian R: non-finite iff G is, zero iff G is (almost surely)
+            _check_gradient_product(product, name)
         if final:
             self.final_product = product  # Tᵀ Q, i.e. (Qᵀ T)ᵀ
         else:
@@ -75,6 +77,24 @@ class _LayerRangeFinder:
         if self.transposed:
             left, right = right, left
         return left, singular_values, right
+
+
+def _check_gradient_product(product: torch.Tensor, name: str) -> None:
+    """Refuse a gradient that would give arbitrary singular vectors: QR of zeros or NaN is no subspace."""
+    if not torch.isfinite(product).all():
+        raise ValueError(f"the mean gradient of LoRA-GA target {name!r} is not finite (NaN or inf): check the "
+                         "gradient batches for NaN/inf inputs and the loss for overflow (e.g. float16)")
+    if not product.any():
+        raise ValueError(f"the mean gradient of LoRA-GA target {name!r} is zero, so it has no singular vectors "
+                         "to start from: most likely every label of the gradient batches is the ignore index "
+                         "(-100), e.g. prompts masked out entirely; give batches with target tokens")
+
+
+def _check_loss(loss: torch.Tensor, index: int) -> None:
+    if not torch.isfinite(loss):
+        raise ValueError(f"the loss of LoRA-GA gradient batch {index} is {loss.item()}: most likely every label of "
+                         "the batch is the ignore index (-100), so the mean cross-entropy is 0/0, or the batch holds "
+                         "NaN/inf; give batches with target tokens")
 
 
 def _is_distributed() -> bool:
@@ -141,12 +161,15 @@ def gradient_singular_vectors(
     try:
         with torch.enable_grad(), _capture_products(layers, finders):
             for pass_index in range(num_passes):
-                for batch in batches:
+                for index, batch in enumerate(batches):
                     loss = loss_fn(model, batch)
+                    if pass_index == 0:  # the later passes see the same batches and function
+                        _check_loss(loss, index)
                     loss.backward()
                     progress.update()
-                for finder in finders.values():
-                    finder.finish_pass(len(batches), final=pass_index == num_passes - 1)
+                for name, finder in finders.items():
+                    finder.finish_pass(len(batches), final=pass_index == num_passes - 1, name=name,
+                                       first=pass_index == 0)
     finally:
         progress.close()
     return {name: finder.singular_vectors() for name, finder in finders.items()}

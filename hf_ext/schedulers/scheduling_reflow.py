@@ -30,8 +30,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._validation import check_integer, check_number
 from ..ops import flow
-from ._validation import check_choice, timestep_not_in_schedule_error
+from ._validation import check_choice, check_decreasing, timestep_not_in_schedule_error
 
 PREDICTION_TYPES = ("flow_prediction", "sample")
 SOLVERS = ("euler", "heun")
@@ -101,14 +102,16 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
         check_choice("timestep_spacing", timestep_spacing, ("linspace", "trailing"))
-        if num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps}")
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        check_integer("num_train_timesteps", num_train_timesteps, low=1)
+        check_number("shift", shift, low=0, low_open=True)  # NaN or inf would make every σ NaN
+        # The μ line of dynamic shifting (read by pipelines); None is allowed, as in FlowMatchEuler.
+        check_number("base_shift", base_shift, allow_none=True)
+        check_number("max_shift", max_shift, allow_none=True)
+        check_integer("base_image_seq_len", base_image_seq_len, low=1, allow_none=True)
+        check_integer("max_image_seq_len", max_image_seq_len, low=1, allow_none=True)
+        check_number("shift_terminal", shift_terminal, low=0, high=1, high_open=True, allow_none=True)
         if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
             raise ValueError("at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be True")
-        if shift_terminal is not None and not 0 <= shift_terminal < 1:
-            raise ValueError(f"shift_terminal must be in [0, 1), got {shift_terminal}")
         if stochastic_sampling and solver == "heun":
             raise ValueError("stochastic_sampling=True works with solver='euler' only")
         self._shift = shift
@@ -135,9 +138,7 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         return self._shift
 
     def set_shift(self, shift: float) -> None:
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
-        self._shift = shift
+        self._shift = check_number("shift", shift, low=0, low_open=True)
 
     @property
     def sigma_max(self) -> float:
@@ -173,12 +174,17 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
                       sigmas: list[float] | None = None, mu: float | None = None,
                       timesteps: list[float] | None = None) -> None:
         """Build the σ grid (from 1 towards 0) for ``num_inference_steps`` steps, or from custom ``sigmas`` (shifted
-        like FlowMatchEuler's) and/or ``timesteps`` (the model's time inputs; σ = timestep / T when alone)."""
+        like FlowMatchEuler's) and/or ``timesteps`` (the model's time inputs; σ = timestep / T when alone).
+
+        Custom ``sigmas`` and ``timesteps`` must be non-empty, finite and strictly decreasing (from noise towards
+        data; ``invert_sigmas`` reverses the grid itself)."""
         config = self.config
         if config.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True "
                              "(hf_ext.ops.flow.dynamic_shift_mu computes it from the image sequence length)")
-        lengths = {name: len(v) for name, v in (("sigmas", sigmas), ("timesteps", timesteps)) if v is not None}
+        custom = (("sigmas", sigmas), ("timesteps", timesteps))
+        given = {name: check_decreasing(name, values) for name, values in custom if values is not None}
+        lengths = {name: len(values) for name, values in given.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"sigmas and timesteps must have the same length, got {lengths}")
         if num_inference_steps is None:
@@ -187,20 +193,19 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps = next(iter(lengths.values()))
         elif lengths and num_inference_steps not in lengths.values():
             raise ValueError(f"num_inference_steps={num_inference_steps} differs from the length of {lengths}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        check_integer("num_inference_steps", num_inference_steps, low=1)
         T = config.num_train_timesteps
 
         if sigmas is None and timesteps is not None:
             # The timesteps are what the model sees; the σ the sampler moves through must agree with them.
-            sigma_grid = np.asarray(timesteps, dtype=np.float64) / T
+            sigma_grid = given["timesteps"] / T
             self._check_grid(sigma_grid, "timesteps", scale=T)
         else:
             if sigmas is None:
                 last = 1.0 / num_inference_steps if config.timestep_spacing == "trailing" else 1.0 / T
                 sigma_grid = np.linspace(1.0, last, num_inference_steps)
             else:
-                sigma_grid = np.asarray(sigmas, dtype=np.float64)
+                sigma_grid = given["sigmas"]
                 self._check_grid(sigma_grid, "sigmas", scale=1)
             sigma_grid = self._shift_grid(sigma_grid, mu)
         sigma_grid = self._respace(sigma_grid, num_inference_steps)
@@ -248,8 +253,7 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
 
     @staticmethod
     def _check_grid(values: np.ndarray, name: str, scale: float) -> None:
-        if values.ndim != 1 or not np.all(np.isfinite(values)):
-            raise ValueError(f"{name} must be a 1-D list of finite numbers")
+        """σ within [0, 1] (``values`` already passed `check_decreasing`)."""
         if values.min() < 0 or values.max() > 1:
             raise ValueError(f"{name} must lie in [0, {scale:g}], got [{values.min() * scale:g}, {values.max() * scale:g}]")
 

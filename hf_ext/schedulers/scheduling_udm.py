@@ -49,8 +49,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._validation import check_integer, check_number
 from ..ops import udm
-from ._validation import check_choice, timestep_not_in_schedule_error
+from ._validation import check_choice, check_decreasing, timestep_not_in_schedule_error
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # DDPMScheduler's variance types. The "_log" ones give the same noise std as their plain twins (DDPM computes them
@@ -163,15 +164,20 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("solver='heun' steps between listed timesteps; use step_convention='udm' or 'ddpm'")
         if time_type is not None:
             check_choice("time_type", time_type, TIME_TYPES)
-        if eta < 0 or eta > 1:
+        if not 0 <= eta <= 1:  # written so that NaN fails too
             raise ValueError(f"eta must be in [0, 1] (0 = DDIM, 1 = DDPM), got {eta}")
+        # NaN or inf in any of these would reach every step's coefficients or the clipping of x̂0.
+        check_number("beta_start", beta_start, low=0)
+        check_number("beta_end", beta_end, low=0)
+        check_number("clip_sample_range", clip_sample_range, low=0, low_open=True)
+        check_number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, low=0, high=1)
+        check_number("sample_max_value", sample_max_value, low=0, low_open=True)
+        check_integer("steps_offset", steps_offset, low=0)
         if variance_type in LEARNED_VARIANCE_TYPES and eta != 1:
             raise ValueError(f"variance_type={variance_type!r} is the variance of a DDPM step, so eta must be 1, "
                              f"got {eta}")
         self.flow_schedule = beta_schedule == "rectified_flow"
-        if num_train_timesteps < (2 if self.flow_schedule else 1):
-            raise ValueError(f"num_train_timesteps must be >= {2 if self.flow_schedule else 1}, got "
-                             f"{num_train_timesteps}")
+        check_integer("num_train_timesteps", num_train_timesteps, low=2 if self.flow_schedule else 1)
         if self.flow_schedule and time_type == "discrete":
             raise ValueError("beta_schedule='rectified_flow' is continuous-time; leave time_type unset or 'continuous'")
         if self.flow_schedule and rescale_betas_zero_snr:
@@ -187,6 +193,12 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
                 # DDPM/DDIM accept this and then index past the end of their schedule; refuse it here.
                 raise ValueError(f"trained_betas has {len(trained_betas)} values, num_train_timesteps is "
                                  f"{num_train_timesteps}: give one beta per training timestep")
+            if trained_betas is not None:
+                betas = np.asarray(trained_betas, dtype=np.float64)
+                bad = np.flatnonzero(~((betas >= 0) & (betas <= 1)))  # NaN fails both comparisons
+                if len(bad):
+                    raise ValueError(f"trained_betas must be finite numbers in [0, 1], got trained_betas[{bad[0]}] = "
+                                     f"{betas[bad[0]]}")
             self.betas = udm.vp_betas(num_train_timesteps, beta_schedule, beta_start, beta_end, trained_betas,
                                       rescale_betas_zero_snr)
             self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
@@ -247,11 +259,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
         if timesteps is not None:
-            values = np.asarray(timesteps, dtype=np.float64)
-            if values.ndim != 1 or len(values) == 0:
-                raise ValueError("timesteps must be a non-empty 1-D list")
-            if np.any(np.diff(values) >= 0):
-                raise ValueError(f"timesteps must be strictly decreasing, got {list(timesteps)[:8]}")
+            values = check_decreasing("timesteps", timesteps)
             low = 0 if not self.flow_schedule else np.nextafter(0, 1)
             if values[0] > top or values[-1] < low:
                 raise ValueError(f"timesteps must lie in [{'0' if not self.flow_schedule else '>0'}, {top}], "
@@ -259,6 +267,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             if not self.continuous and np.any(values != np.round(values)):
                 raise ValueError("timesteps must be integers for time_type='discrete' (use time_type='continuous')")
         else:
+            check_integer("num_inference_steps", num_inference_steps)  # the range error below keeps its wording
             if not 1 <= num_inference_steps <= T:
                 raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps={T}], got {num_inference_steps}")
             values = self._spaced_timesteps(num_inference_steps)

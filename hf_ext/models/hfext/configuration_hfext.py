@@ -6,6 +6,8 @@ with ``trust_remote_code=True`` where hf_ext is not installed: it imports only t
 huggingface_hub.
 """
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -61,6 +63,11 @@ def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value) -> bool:
+    """A real number that is not NaN or ±inf (``x < 1`` is False for NaN, so range checks alone let NaN through)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_rerope_mode(value) -> None:
     if value not in HFEXT_REROPE_MODES:
         raise ValueError(f"`rerope_mode` is {value!r}; allowed values are {list(HFEXT_REROPE_MODES)}.")
@@ -72,8 +79,8 @@ def check_rerope_window(value) -> None:
 
 
 def check_rerope_leaky_factor(value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`rerope_leaky_factor` must be a number >= 1 (1 = plain RoPE), got {_describe(value)}.")
+    if not _is_finite_number(value) or value < 1:
+        raise ValueError(f"`rerope_leaky_factor` must be a finite number >= 1 (1 = plain RoPE), got {_describe(value)}.")
 
 
 def check_logn_scaling(value, num_layers: int | None = None) -> None:
@@ -100,8 +107,8 @@ def check_logn_training_length(value, logn_on: bool = True) -> None:
 
 
 def check_logn_clip_min(value) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-        raise ValueError(f"`logn_clip_min` must be None (no clipping) or a number >= 0, got {_describe(value)}.")
+    if value is not None and (not _is_finite_number(value) or value < 0):
+        raise ValueError(f"`logn_clip_min` must be None (no clipping) or a finite number >= 0, got {_describe(value)}.")
 
 
 @strict
@@ -291,6 +298,34 @@ class HfExtConfig(PreTrainedConfig):
         # StrictDataclassClassValidationError; a plain ValueError is what callers catch.
         self.validate_architecture()
         super().__post_init__(**kwargs)
+        self._validate_rope_fields()  # `rope_theta=` given as a keyword reaches rope_parameters only in the line above
+
+    # Options users change on a built config, between generations (`model.config.rerope_mode = "rerope"`): such an
+    # assignment re-validates the config and is undone if it fails, so a typo never reaches a forward pass or a saved
+    # checkpoint. Structural fields (layer counts, per-layer lists) are often changed in several steps, so they are
+    # checked when the config is saved instead.
+    RUNTIME_OPTIONS = ("rerope_mode", "rerope_window", "rerope_leaky_factor", "logn_clip_min", "logn_training_length",
+                       "logn_scaling", "mla_implementation", "position_layout")
+
+    def __setattr__(self, name, value):
+        # `_post_init_done` is transformers' own marker of a finished config; without it (older releases) the check
+        # falls to save time
+        if name not in self.RUNTIME_OPTIONS or not self.__dict__.get("_post_init_done", False):
+            super().__setattr__(name, value)
+            return
+        previous = self.__dict__[name]
+        super().__setattr__(name, value)
+        try:
+            self.validate_architecture()
+        except ValueError:
+            super().__setattr__(name, previous)
+            raise
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' `save_pretrained`, after checking the whole config: an invalid one is refused with a
+        ValueError before anything is written (it would not load again)."""
+        self.validate_architecture()
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Validation: every error names the field, the value and what is allowed. `config.validate()` re-runs it.
@@ -324,12 +359,19 @@ class HfExtConfig(PreTrainedConfig):
                 f"({self.num_attention_heads}); allowed values are its divisors "
                 f"{[d for d in range(1, self.num_attention_heads + 1) if self.num_attention_heads % d == 0]}."
             )
-        if not 0.0 <= self.attention_dropout < 1.0:
+        if not (_is_finite_number(self.attention_dropout) and 0.0 <= self.attention_dropout < 1.0):
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {_describe(self.attention_dropout)}.")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"`rms_norm_eps` must be positive, got {_describe(self.rms_norm_eps)}.")
-        if not 0.0 <= self.initializer_range <= 1.0:
+        if not (_is_finite_number(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ValueError(f"`rms_norm_eps` must be a finite number > 0, got {_describe(self.rms_norm_eps)}.")
+        if not (_is_finite_number(self.initializer_range) and 0.0 <= self.initializer_range <= 1.0):
             raise ValueError(f"`initializer_range` must be in [0, 1], got {_describe(self.initializer_range)}.")
+        self._validate_rope_fields()
+
+    def _validate_rope_fields(self):
+        rope = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        for name in ("rope_theta", "factor"):  # NaN or ±inf here turns every rotary angle into NaN
+            if name in rope and not (_is_finite_number(rope[name]) and rope[name] > 0):
+                raise ValueError(f"`rope_parameters['{name}']` must be a finite number > 0, got {_describe(rope[name])}.")
 
     def _validate_per_layer_fields(self):
         n = self.num_hidden_layers

@@ -565,6 +565,12 @@ class HfExtPreTrainedModel(PreTrainedModel):
     # unset and falls back to transformers' own push and default card.
     hub_publisher: Callable | None = None
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, after checking the config: an invalid one (e.g. a mistyped
+        `config.rerope_mode`) is refused with a ValueError before any file is written."""
+        self.config.validate_architecture()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def push_to_hub(self, repo_id: str, *, tags: list[str] | None = None, **kwargs) -> str:
         """Upload the model like transformers does; with hf_ext installed, the README is hf_ext's model card."""
         if type(self).hub_publisher is None:

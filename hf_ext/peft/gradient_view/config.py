@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from ..._validation import check_choice, check_integer, check_number
 from ...optim.gradient_view import GRADIENT_VIEW_MODES
 
 
@@ -37,7 +38,8 @@ class GradientViewLoraConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the factors the optimizer trains."})
-    lora_alpha: float = field(default=8, metadata={"help": "Scaling s = lora_alpha / r of the low-rank term."})
+    lora_alpha: float = field(default=8, metadata={
+        "help": "Scaling s = lora_alpha / r of the low-rank term: finite and > 0 (at 0 nothing would train)."})
     mode: str = field(default="lora", metadata={"help": f"One of {GRADIENT_VIEW_MODES}."})
     resample_every: int = field(default=200, metadata={"help": "Steps between fresh projections (mode 'resample')."})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -52,12 +54,12 @@ class GradientViewLoraConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if self.mode not in GRADIENT_VIEW_MODES:
-            raise ValueError(f"mode must be one of {GRADIENT_VIEW_MODES}, got {self.mode!r}")
-        if not isinstance(self.r, int) or self.r < 1:
+        check_choice("mode", self.mode, GRADIENT_VIEW_MODES)
+        # the wording of r's error predates check_integer (and tests match it); the meaning is the same
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if not isinstance(self.resample_every, int) or self.resample_every < 1:
-            raise ValueError(f"resample_every must be a positive int, got {self.resample_every!r}")
+        check_number("lora_alpha", self.lora_alpha, low=0, low_open=True, why="scaling = lora_alpha / r")
+        check_integer("resample_every", self.resample_every, low=1)
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
         if self.target_modules is None:

@@ -53,11 +53,21 @@ class GradientViewLoraModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        if config.mode not in FACTOR_MODES:
-            return remapped
         suffix = f".{_LORA_B}.{adapter_name}"
         factor_keys = [key for key in remapped if key.endswith(suffix)]
-        if not factor_keys and any(f".{_DELTA}." in key for key in remapped):
+        has_delta = any(f".{_DELTA}" in key for key in remapped)
+        if not any(f".{_LORA_B}" in key for key in remapped) and not has_delta:  # PEFT would load nothing and keep the fresh adapter
+            example = next(iter(state_dict), "(no tensors)")
+            raise ValueError(
+                f"this adapter file holds no gradient-view LoRA tensors (keys such as {example!r}), though its "
+                f"adapter_config.json says peft_type {config.peft_type!r}: it looks like another method's adapter "
+                "(a LoRA adapter holds lora_A/lora_B): load it with that method's config.")
+        if config.mode not in FACTOR_MODES:
+            if not has_delta:
+                raise ValueError(f"this adapter file holds rank-r factors, which modes 'lora'/'fixed_a' save, but its "
+                                 f"adapter_config.json says mode {config.mode!r}, which loads a dense ΔW.")
+            return remapped
+        if not factor_keys:
             raise ValueError(
                 f"this gradient-view LoRA adapter holds a dense ΔW but no rank-{config.r} factors, which mode "
                 f"{config.mode!r} saves (it was written before adapters saved their factors). Its ΔW loads as it is "
