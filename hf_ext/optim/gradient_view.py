@@ -29,7 +29,7 @@ import torch
 
 from .._validation import check_choice, check_integer, check_number
 from ._dtensor import is_dtensor
-from .lion import NONFINITE_GRADS_OPTIONS, check_group_numbers, grads_are_finite
+from ._step_checks import NONFINITE_GRADS_OPTIONS, check_group_numbers, grads_are_finite
 from .model_held_factors import held_factors
 
 GRADIENT_VIEW_MODES = ("lora", "fixed_a", "resample")
