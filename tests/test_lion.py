@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -270,3 +271,48 @@ def test_dtensor_parameters_are_recognised_by_both_optimizers():
             GradientViewLoRA([param], rank=1, base_optimizer=torch.optim.SGD, lr=0.1)
     finally:
         dist.destroy_process_group()
+
+
+def _one_step(**options):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(256, 256)), torch.nn.Parameter(torch.randn(7))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    Lion(params, lr=1e-2, weight_decay=0.1, **options).step()
+    return [p.detach() for p in params]
+
+
+def test_the_default_kernel_is_the_fused_one_with_identical_results(monkeypatch):
+    import hf_ext.ops.lion as lion_ops
+
+    calls = []
+    real = lion_ops.lion_update_fused
+    monkeypatch.setattr("hf_ext.optim.lion.lion_update_fused", lambda *a, **k: calls.append(k) or real(*a, **k))
+    default = _one_step()
+    assert calls == [{"fallback": True}]  # Lion(params) as users write it takes the fused kernel
+    for chosen in (dict(fused=True), dict(fused=False), dict(foreach=True), dict(foreach=False)):
+        assert all(torch.equal(a, b) for a, b in zip(default, _one_step(**chosen)))
+    calls.clear()
+    _one_step(foreach=True)  # an explicit foreach (or fused=False) is not overridden
+    _one_step(fused=False)
+    assert calls == []
+
+
+def test_the_default_kernel_falls_back_to_foreach_once_when_compiling_fails(monkeypatch):
+    import hf_ext.ops.lion as lion_ops
+
+    expected = _one_step(fused=False)
+
+    def broken(*args):
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(lion_ops, "_compiled_flat", broken)
+    monkeypatch.setattr(lion_ops, "_compile_failure", None)
+    with pytest.warns(RuntimeWarning, match="could not build the fused update kernel .*no C\\+\\+ compiler.*foreach"):
+        fallen_back = _one_step()
+    assert all(torch.equal(a, b) for a, b in zip(fallen_back, expected))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the next steps neither warn again nor try to compile
+        assert all(torch.equal(a, b) for a, b in zip(_one_step(), expected))
+    with pytest.raises(RuntimeError, match="fused=False"):  # asked for explicitly, it raises, then as before
+        _one_step(fused=True)

@@ -62,6 +62,7 @@ def _bitsandbytes(params):
 # name -> (factory, nominal tensors of traffic per step, what it is)
 OPTIMIZERS: dict[str, tuple[Callable, int, str]] = {
     "lion_fused": (lambda params: Lion(params, fused=True, **LION_HYPER), 5, "hf_ext Lion(fused=True)"),
+    "lion_default": (lambda params: Lion(params, **LION_HYPER), 5, "hf_ext Lion(params), default kernel choice"),
     "lion_foreach": (lambda params: Lion(params, foreach=True, **LION_HYPER), 5, "hf_ext Lion(foreach=True)"),
     "adamw_fused": (lambda params: torch.optim.AdamW(params, fused=True, **ADAMW_HYPER), 7,
                     "torch.optim.AdamW(fused=True)"),

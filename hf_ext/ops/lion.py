@@ -22,7 +22,12 @@ copy of θ that is rounded back once per step. Gradients are read in their own d
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["lion_update_single", "lion_update_foreach", "lion_update_fused", "lion_reference_float64"]
 
@@ -82,36 +87,51 @@ def _lion_update_flat(param, grad, momentum, lr, beta1, beta2, weight_decay):
 # Below this size a compiled call's fixed cost (~30 µs) outweighs its saving; such tensors go through foreach.
 FUSED_MIN_NUMEL = 32768
 _compiled_flat = None
+_compile_failure: str | None = None  # why torch.compile could not build the kernel here, once it has failed
 
 
-def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
-    """`lion_update_foreach` with one compiled memory pass per large tensor (``torch.compile``, needs a C++ compiler).
+def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: float, weight_decay: float,
+                      *, fallback: bool = False) -> None:
+    """`lion_update_foreach` with one compiled memory pass per large tensor (``torch.compile``: C++ on CPU, Triton on
+    CUDA).
 
-    One kernel, compiled on the first call with a dynamic length (a few seconds; cached on disk by torch), serves
-    every contiguous tensor of at least `FUSED_MIN_NUMEL` elements; the rest take the foreach kernel. Results are
-    identical to the other kernels (tested).
+    One kernel, compiled on the first call with a dynamic length (a few seconds, logged; cached on disk by torch),
+    serves every contiguous tensor of at least `FUSED_MIN_NUMEL` elements; the rest take the foreach kernel. Results
+    are identical to the other kernels (tested). If the compiler cannot build the kernel, ``fallback=False`` raises;
+    ``fallback=True`` (Lion's default kernel choice) warns once and updates the remaining tensors, then and on later
+    calls, with the foreach kernel — the same numbers, only slower.
     """
-    global _compiled_flat
+    global _compiled_flat, _compile_failure
+    if fallback and _compile_failure is not None:
+        lion_update_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay)
+        return
     if _compiled_flat is None:
+        logger.info("Lion: compiling the fused update kernel with torch.compile (once per process, a few seconds)")
         _compiled_flat = torch.compile(_lion_update_flat, fullgraph=True, dynamic=True)
     hyper = [torch.tensor(value, dtype=torch.float64) for value in (lr, beta1, beta2, weight_decay)]
-    small = ([], [], [])
+    small, compiled = ([], [], []), True
     # Each dtype combination and tensor rank compiles once; allow more variants than dynamo's default of 8 (the
     # setting is `recompile_limit` since torch 2.7, `cache_size_limit` before).
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     with torch._dynamo.config.patch(**{limit: 64}):
         for param, grad, momentum in zip(params, grads, momenta):
             tensors = (param, grad, momentum)
-            if param.numel() >= FUSED_MIN_NUMEL and all(t.is_contiguous() for t in tensors):
+            if compiled and param.numel() >= FUSED_MIN_NUMEL and all(t.is_contiguous() for t in tensors):
                 try:
                     _compiled_flat(*(t.view(-1) for t in tensors), *hyper)
+                    continue
                 except Exception as error:  # the compiler backend is missing or broken on this machine
-                    raise RuntimeError("Lion(fused=True): torch.compile could not build the fused update kernel "
-                                       f"({type(error).__name__}: {error}); use fused=False (the foreach kernel "
-                                       "gives identical results)") from error
-            else:
-                for bucket, tensor in zip(small, tensors):
-                    bucket.append(tensor)
+                    if not fallback:
+                        raise RuntimeError("Lion(fused=True): torch.compile could not build the fused update kernel "
+                                           f"({type(error).__name__}: {error}); use fused=False (the foreach kernel "
+                                           "gives identical results)") from error
+                    # compiling fails before the kernel touches its tensors: this one and the rest go to foreach
+                    compiled, _compile_failure = False, f"{type(error).__name__}: {error}"
+                    warnings.warn(f"Lion: torch.compile could not build the fused update kernel ({_compile_failure}); "
+                                  "using the foreach kernel from now on (identical results, slower). Pass fused=False "
+                                  "to choose it without trying.", RuntimeWarning, stacklevel=3)
+            for bucket, tensor in zip(small, tensors):
+                bucket.append(tensor)
     if small[0]:
         lion_update_foreach(*small, lr, beta1, beta2, weight_decay)
 

@@ -32,11 +32,14 @@ class Lion(torch.optim.Optimizer):
         betas: (β1, β2), each in [0, 1). The paper's defaults (0.9, 0.99); (0.95, 0.98) for unstable LM runs.
         weight_decay: decoupled weight decay λ (≥ 0), applied as θ·(1 − ηλ) before the sign step.
         maximize: ascend the objective instead of descending it.
-        foreach: use ``torch._foreach_*`` ops over all tensors of a group (default: yes, unless the parameters are
-            FSDP2 DTensors, which take the per-tensor path).
-        fused: use a kernel compiled with ``torch.compile`` that makes one pass over memory per tensor (needs a C++
-            compiler; compiles once, a few seconds, on the first step). On the parameters of a 135M model on CPU
-            it is 3-6× faster than foreach and than ``lion_pytorch`` (``python -m benchmarks.lion_step_speed``).
+        fused: the kernel compiled with ``torch.compile`` that makes one pass over memory per tensor (C++ on CPU,
+            Triton on CUDA; compiled once per process, a few seconds, logged, on the first step). On the parameters
+            of a 135M model on CPU it is 3-6× faster than foreach and than ``lion_pytorch``
+            (``python -m benchmarks.lion_step_speed``). ``None`` (default): use it unless ``foreach`` is given or
+            the parameters are FSDP2 DTensors, and if torch.compile cannot build it here, warn once and use foreach
+            (identical numbers). ``True``: use it or raise. ``False``: never.
+        foreach: with ``fused`` not chosen, use ``torch._foreach_*`` ops over all tensors of a group (default: yes,
+            unless the parameters are FSDP2 DTensors, which take the per-tensor path).
         state_dtype: dtype of the momentum. ``None`` keeps the parameter's dtype; ``torch.float32`` with bf16/fp16
             parameters keeps an fp32 momentum and does the arithmetic in fp32, rounding the parameter once per step.
         nonfinite_grads: what a step does when a gradient holds NaN or inf (one NaN would make the momentum NaN and
@@ -115,9 +118,10 @@ class Lion(torch.optim.Optimizer):
             momenta = [self._momentum(param, group) for param in params]
             beta1, beta2 = group["betas"]
             args = (group["lr"], beta1, beta2, group["weight_decay"])
-            if group["fused"]:
-                lion_update_fused(params, grads, momenta, *args)
-            elif group["foreach"] or (group["foreach"] is None and not any(is_dtensor(p) for p in params)):
+            sharded = any(is_dtensor(p) for p in params)
+            if group["fused"] or (group["fused"] is None and group["foreach"] is None and not sharded):
+                lion_update_fused(params, grads, momenta, *args, fallback=not group["fused"])
+            elif group["foreach"] or (group["foreach"] is None and not sharded):
                 lion_update_foreach(params, grads, momenta, *args)
             else:
                 for param, grad, momentum in zip(params, grads, momenta):
