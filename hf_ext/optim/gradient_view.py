@@ -16,7 +16,8 @@ s = scaling):
 Optimizer state is O(r(m+n)) per matrix instead of O(mn); W still receives a full gradient (what PEFT LoRA saves in
 activation memory, this does not). Where a model layer holds the factors of a matrix (gradient-view LoRA as a PEFT
 method, whose adapter saves them), the optimizer trains those tensors and keeps the matrix (ΔW) exactly s·B A.
-Parameters that are not matrices (biases, norms) go to the base optimizer as they are. Because it only reads ``p.grad``, gradient accumulation and DDP (which averages ``p.grad``) are exact.
+Parameters that are not matrices (biases, norms) go to the base optimizer as they are. Because it only reads
+``p.grad``, gradient accumulation and DDP (which averages ``p.grad``) are exact.
 """
 
 from __future__ import annotations

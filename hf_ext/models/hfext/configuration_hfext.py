@@ -80,7 +80,8 @@ def check_rerope_window(value) -> None:
 
 def check_rerope_leaky_factor(value) -> None:
     if not _is_finite_number(value) or value < 1:
-        raise ValueError(f"`rerope_leaky_factor` must be a finite number >= 1 (1 = plain RoPE), got {_describe(value)}.")
+        raise ValueError(
+            f"`rerope_leaky_factor` must be a finite number >= 1 (1 = plain RoPE), got {_describe(value)}.")
 
 
 def check_logn_scaling(value, num_layers: int | None = None) -> None:
@@ -371,7 +372,8 @@ class HfExtConfig(PreTrainedConfig):
         rope = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
         for name in ("rope_theta", "factor"):  # NaN or ±inf here turns every rotary angle into NaN
             if name in rope and not (_is_finite_number(rope[name]) and rope[name] > 0):
-                raise ValueError(f"`rope_parameters['{name}']` must be a finite number > 0, got {_describe(rope[name])}.")
+                raise ValueError(
+                    f"`rope_parameters['{name}']` must be a finite number > 0, got {_describe(rope[name])}.")
 
     def _validate_per_layer_fields(self):
         n = self.num_hidden_layers

@@ -56,7 +56,8 @@ class GradientViewLoraModel(BaseTuner):
         suffix = f".{_LORA_B}.{adapter_name}"
         factor_keys = [key for key in remapped if key.endswith(suffix)]
         has_delta = any(f".{_DELTA}" in key for key in remapped)
-        if not any(f".{_LORA_B}" in key for key in remapped) and not has_delta:  # PEFT would load nothing and keep the fresh adapter
+        has_factors = any(f".{_LORA_B}" in key for key in remapped)  # remapped or not: resample layers have none
+        if not has_factors and not has_delta:  # PEFT would load nothing and keep the fresh adapter, silently
             example = next(iter(state_dict), "(no tensors)")
             raise ValueError(
                 f"this adapter file holds no gradient-view LoRA tensors (keys such as {example!r}), though its "
