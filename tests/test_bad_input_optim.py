@@ -42,16 +42,22 @@ def _assert_unchanged(optimizer, params, snapshot):
     assert _same(optimizer.state_dict(), state)
 
 
+def _lion_after_one_step(**options):
+    """A Lion over `_params()` that has taken one finite step, so its momentum exists."""
+    params = _params()
+    optimizer = Lion(params, lr=0.1, **options)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    return params, optimizer
+
+
 # -- Lion: non-finite gradients ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 def test_lion_nonfinite_gradient_raises_before_changing_anything(kernel, bad):
-    params = _params()
-    optimizer = Lion(params, lr=0.1, **kernel)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    optimizer.step()  # momentum exists
+    params, optimizer = _lion_after_one_step(**kernel)
     params[1].grad = torch.tensor([1.0, bad, 1.0])
     snapshot = _snapshot(optimizer, params)
     with pytest.raises(FloatingPointError, match=r"^Lion: the gradient of parameter 1 of param group 0 \(shape "
@@ -74,11 +80,7 @@ def test_lion_nonfinite_gradient_on_the_first_step_creates_no_state():
 def test_lion_skip_mode_skips_plus_then_minus_inf_with_a_warning_and_trains_on(kernel):
     """+inf then -inf would make the momentum inf - inf = NaN, which freezes the tensor for ever; "skip" drops both
     steps whole and the next finite step moves every weight by exactly lr."""
-    params = _params()
-    optimizer = Lion(params, lr=0.1, nonfinite_grads="skip", **kernel)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    optimizer.step()
+    params, optimizer = _lion_after_one_step(nonfinite_grads="skip", **kernel)
     for bad in (INF, -INF):
         params[0].grad = torch.full((4, 3), 1.0).index_fill_(0, torch.tensor([2]), bad)
         snapshot = _snapshot(optimizer, params)

@@ -100,7 +100,7 @@ class GradientViewLoRA(torch.optim.Optimizer):
         self.rank, self.mode, self.scaling = rank, mode, float(scaling)
         self.resample_every, self.seed = resample_every, seed
         self.steps = 0
-        self._held = set()  # ids of the matrices whose factors a model layer holds: kept exactly at s·B A
+        self._held = {}  # id of a matrix whose factors a model layer holds -> those factors; kept at s·B A exactly
         base_groups = []
         for group in self.param_groups:
             base_params = []
@@ -154,7 +154,7 @@ class GradientViewLoRA(torch.optim.Optimizer):
                 f"{held.owner}, made with mode={held.mode!r}, r={held.rank}, scaling={held.scaling}: build the "
                 "optimizer with hf_ext.peft.gradient_view_optimizer(peft_model), which reads the adapter's config")
         self.state[param]["lora_B"], self.state[param]["lora_A"] = held.lora_B, held.lora_A
-        self._held.add(id(param))
+        self._held[id(param)] = held
         return True
 
     def _draw_projections(self, param: torch.Tensor, period: int) -> None:
@@ -253,7 +253,7 @@ class GradientViewLoRA(torch.optim.Optimizer):
         super().load_state_dict(state_dict["gradient_view"])
         for param in (p for group in self.param_groups for p in group["params"] if id(p) in self._held):
             # the loaded factors are copies: put their values into the tensors the model holds (and saves)
-            held = held_factors(param)
+            held = self._held[id(param)]
             held.lora_B.copy_(self.state[param]["lora_B"])
             held.lora_A.copy_(self.state[param]["lora_A"])
             self.state[param]["lora_B"], self.state[param]["lora_A"] = held.lora_B, held.lora_A
