@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,8 +19,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_ext  # noqa: F401  (registers the implementations)
 from conftest import decode_step_gap
+from hf_ext.models.hfext import rerope_hfext
 from hf_ext.models.hfext.ops_hfext import rotate_half
-from hf_ext.models.hfext.rerope_hfext import _cpu_flash_reads_grouped_heads, rerope_attention, rerope_attention_blockwise
+from hf_ext.models.hfext.rerope_hfext import (
+    _cpu_flash_reads_grouped_heads,
+    rerope_attention,
+    rerope_attention_blockwise,
+    rerope_attention_flex,
+)
 
 SIZES = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.25)
@@ -88,7 +95,31 @@ def oracle_attention(q_raw, k_raw, v, positions, window, leaky_factor, scaling, 
     return out
 
 
-@pytest.mark.parametrize("kernel", [rerope_attention, rerope_attention_blockwise], ids=["fused", "blockwise"])
+def flex_kernel(*args, block_size=None, **kwargs):
+    """The CUDA prefill kernel, uncompiled so that it runs on the CPU (block_size has no meaning there)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return rerope_attention_flex(*args, compiled=False, **kwargs)
+
+
+@pytest.fixture(params=["cpu", "cuda_route"])
+def kernel_route(request, monkeypatch):
+    """Runs a test on the CPU kernels and again on the route a CUDA device takes (flex attention, uncompiled)."""
+    if request.param == "cuda_route":
+        flex_with_lse = rerope_hfext._flex_with_lse
+
+        def flex_or_dense_stand_in(*args):  # flex attention has no backward on the CPU (see dense_flex_with_lse)
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in args[1:4])
+            return (dense_flex_with_lse if needs_grad else flex_with_lse)(*args)
+
+        monkeypatch.setattr(rerope_hfext, "rerope_kernel_for", lambda device, q_len: "flex")
+        monkeypatch.setattr(rerope_hfext, "rerope_attention_flex", flex_kernel)
+        monkeypatch.setattr(rerope_hfext, "_flex_with_lse", flex_or_dense_stand_in)
+    return request.param
+
+
+@pytest.mark.parametrize("kernel", [rerope_attention, rerope_attention_blockwise, flex_kernel],
+                         ids=["fused", "blockwise", "flex"])
 @pytest.mark.parametrize("leaky_factor", [None, 4.0], ids=["rerope", "leaky"])
 @pytest.mark.parametrize("block_size", [3, None])
 @pytest.mark.parametrize("q_len", [13, 4, 1], ids=["prefill", "chunk", "decode"])
@@ -115,17 +146,68 @@ def test_kernels_equal_the_float64_oracle(kernel, leaky_factor, block_size, q_le
     torch.testing.assert_close(out[real], expected[:, -q_len:][real], rtol=0, atol=1e-12)
 
 
-def test_padding_between_tokens_is_rejected():
+@pytest.mark.parametrize("kernel", [rerope_attention, flex_kernel], ids=["fused", "flex"])
+def test_padding_between_tokens_is_rejected(kernel):
     q = torch.randn(1, 2, 6, 4)
     positions = torch.tensor([[0, 1, -1, 2, 3, 4]])
     with pytest.raises(ValueError, match="padding at the start or the end of a row only"):
-        rerope_attention(q, q, q, q, q, positions, 2, 0.5)
+        kernel(q, q, q, q, q, positions, 2, 0.5)
+
+
+def dense_flex_with_lse(attend, query, key, value, block_mask, scale):
+    """flex attention with `block_mask`, computed densely with differentiable torch ops: (out, lse)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    allowed = create_mask(block_mask.mask_mod, query.shape[0], 1, query.shape[2], key.shape[2], query.device)
+    seen = allowed.any(-1)  # rows without any key: lse −inf, output 0, and no NaN in the gradients
+    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill(~seen[..., None], 0.0)
+    lse = scores.logsumexp(-1)
+    out = (torch.exp(scores - lse[..., None]) * allowed) @ value
+    return out, lse.masked_fill(~seen, float("-inf"))
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7])
+@pytest.mark.parametrize("leaky_factor", [None, 4.0], ids=["rerope", "leaky"])
+def test_flex_route_gradients_equal_the_blockwise_kernels(leaky_factor, sliding_window, monkeypatch):
+    """Training on CUDA runs the flex route: its gradients through the block masks and the log-sum-exp merge equal
+    the blockwise kernel's, with grouped heads, padding at both ends and a sliding window, in float64. Flex attention
+    has no backward on the CPU, so each pass is computed here by a dense stand-in for the same masked attention
+    (flex attention's own backward is checked on CUDA by benchmarks/device_check.py)."""
+    monkeypatch.setattr(rerope_hfext, "_flex_with_lse", dense_flex_with_lse)
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim, window = 2, 4, 2, 19, 8, 5
+    positions = torch.arange(length).repeat(batch, 1)
+    positions[0, :4] = -1
+    positions[0, 4:] = torch.arange(length - 4)
+    positions[1, -3:] = -1
+    inputs = [torch.randn(batch, h, length, dim, dtype=torch.float64, requires_grad=True)
+              for h in (heads, heads, kv_heads, kv_heads, kv_heads)]  # near/far queries, near/far keys, values
+    grad_out = torch.randn(batch, length, heads, dim, dtype=torch.float64)
+    gradients = []
+    for kernel in (flex_kernel, rerope_attention_blockwise):
+        out = kernel(*inputs, positions, window, 0.3, sliding_window=sliding_window)
+        gradients.append(torch.autograd.grad(out, inputs, grad_out))
+    for flex_grad, blockwise_grad in zip(*gradients):
+        torch.testing.assert_close(flex_grad, blockwise_grad, rtol=0, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in gradients[0])
+
+
+def test_each_device_gets_the_kernel_whose_memory_is_linear(monkeypatch):
+    cuda = torch.device("cuda")
+    assert rerope_hfext.rerope_kernel_for(torch.device("cpu"), 4096) == "cpu"
+    assert rerope_hfext.rerope_kernel_for(cuda, 4096) == "flex"
+    assert rerope_hfext.rerope_kernel_for(cuda, 1) == "blockwise"  # a decode step builds 1 × L scores
+    monkeypatch.setattr(rerope_hfext, "_flex_module", lambda: None)  # torch without flex attention
+    assert rerope_hfext.rerope_kernel_for(cuda, 4096) == "blockwise"
 
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("family", ["llama", "llama3-rope", "yarn-rope"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_model_equals_the_float64_oracle_with_logn(implementation, family):
+def test_model_equals_the_float64_oracle_with_logn(implementation, family, kernel_route):
     """A whole model with hfx_(leaky_)rerope equals the same model whose attention is the explicit oracle, with the
     model's own rotary table (default, llama3, yarn with its attention scaling)."""
     leaky = 3.0 if implementation == "hfx_leaky_rerope" else None
@@ -201,7 +283,7 @@ def test_decode_step_equals_prefill(family, implementation, n):
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "hfx_logn"])
-def test_generate_with_cache_equals_without_and_with_left_padding(implementation):
+def test_generate_with_cache_equals_without_and_with_left_padding(implementation, kernel_route):
     model, _ = load("llama", implementation, rerope_window=6, logn_training_length=10)
     prompt = ids(1, 9, seed=4)
     settings = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
@@ -217,7 +299,7 @@ def test_generate_with_cache_equals_without_and_with_left_padding(implementation
     assert torch.equal(batched[1], model.generate(other, **settings)[0])
 
 
-def test_sliding_window_checkpoint_keeps_its_window():
+def test_sliding_window_checkpoint_keeps_its_window(kernel_route):
     """Mistral with a sliding window: ReRoPE applies inside the sliding window, nothing beyond it is attended."""
     torch.manual_seed(0)
     config = MistralConfig(**SIZES, sliding_window=10)

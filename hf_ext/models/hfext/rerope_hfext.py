@@ -319,7 +319,9 @@ def rerope_attention(
     Rows may be padded at their start and end (what tokenizers and `generate` produce), not in between: distances
     are counted in tokens. The far logits are two fused causal attention passes over (far query, far key), the near
     ones a fused pass per block of queries over a band of keys, merged by log-sum-exp; nothing quadratic in L is
-    built. Sliding-window layers and training (gradients) use `rerope_attention_blockwise`.
+    built. On the CPU, sliding-window layers and training (gradients) use `rerope_attention_blockwise`. On other
+    devices (CUDA) a prefill runs `rerope_attention_flex`, two compiled flex-attention passes that also train, and a
+    decode step (or any call where flex attention is missing) the blockwise kernel (see `rerope_kernel_for`).
     """
     pad = _leading_padding(key_positions)
     if pad is None:
@@ -327,8 +329,13 @@ def rerope_attention(
             "ReRoPE attention supports padding at the start or the end of a row only (positions 0, 1, 2, … in "
             "between); this attention mask has padding between real tokens."
         )
+    if rerope_kernel_for(query_near.device, query_near.shape[2]) == "flex":
+        return rerope_attention_flex(query_near, query_far, key_near_tail, key_far, value, key_positions, window,
+                                     scaling, sliding_window=sliding_window)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query_near, key_far, value))
-    if sliding_window is not None or needs_grad:  # the fused CPU passes do not propagate gradients through the merge
+    if sliding_window is not None or needs_grad or query_near.device.type != "cpu":
+        # The fused CPU passes propagate no gradients through the merge; off the CPU, without flex attention, the
+        # blockwise kernel is the one whose memory stays linear in L.
         return rerope_attention_blockwise(query_near, query_far, key_near_tail, key_far, value, key_positions,
                                           window, scaling, sliding_window=sliding_window, block_size=block_size)
     outputs = torch.empty(query_near.shape[:3] + (value.shape[-1],), dtype=value.dtype, device=value.device)
@@ -339,3 +346,138 @@ def rerope_attention(
         outputs[rows] = _rerope_prefix_padded(query_near[rows], query_far[rows], key_near_tail[rows], key_far[rows],
                                               value[rows], amount, window, scaling, block_size)
     return outputs.transpose(1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Off the CPU: two flex-attention passes with block masks
+
+FLEX_MIN_QUERIES = 64  # shorter calls (decode steps) build few scores: the blockwise kernel is cheaper than masks
+
+
+def rerope_kernel_for(device: torch.device, q_len: int) -> str:
+    """The kernel `rerope_attention` runs: "cpu" (torch's fused CPU passes), "flex" (`rerope_attention_flex`, on
+    CUDA and other compiled devices) or "blockwise" (short calls, or torch without flex attention)."""
+    if device.type == "cpu":
+        return "cpu"
+    if q_len >= FLEX_MIN_QUERIES and _flex_module() is not None:
+        return "flex"
+    return "blockwise"
+
+
+@functools.cache
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention
+    except ImportError:  # torch < 2.5
+        return None
+    return flex_attention
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Uncompiled, flex attention builds every score; compiled (Triton on CUDA) it skips masked blocks entirely.
+    return torch.compile(_flex_module().flex_attention)
+
+
+def _flex_with_lse(attend, query, key, value, block_mask, scale):
+    """flex attention returning (out, natural-log LSE in float32); `return_aux` replaced `return_lse` in torch 2.9."""
+    flex = _flex_module()
+    grouped = query.shape[1] != key.shape[1]  # query heads share key/value heads without copies
+    if hasattr(flex, "AuxRequest"):
+        out, aux = attend(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=grouped,
+                          return_aux=flex.AuxRequest(lse=True))
+        return out, aux.lse
+    return attend(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=grouped, return_lse=True)
+
+
+def _merge_by_lse(parts, out_dtype):
+    """Σ_p e^{lse_p} out_p / Σ_p e^{lse_p} over partial results on disjoint key sets; differentiable. Rows that no
+    key reaches (every lse −inf) give 0."""
+    precision = torch.promote_types(parts[0][0].dtype, torch.float32)  # float32 at least, float64 stays
+    shift = torch.stack([lse for _, lse in parts]).amax(0).to(precision)
+    # The result does not depend on the shift: detaching it is exact and keeps −inf out of the gradients.
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift)).detach()
+    total = weight_sum = 0
+    for out, lse in parts:
+        weight = torch.exp(lse.to(precision) - shift)[..., None]
+        total = total + out.to(precision) * weight
+        weight_sum = weight_sum + weight
+    return (total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))).to(out_dtype)
+
+
+_block_mask_cache: dict = {}  # the masks of the last call: every layer of one forward shares them
+
+
+def _rerope_block_masks(key_positions, q_len, tail, window, sliding_window, compiled):
+    """(far, near) flex block masks; far may be None when no key is `window` or more tokens before a query."""
+    batch, k_len = key_positions.shape
+    signature = (key_positions.shape, key_positions.device, key_positions._version, q_len, tail, window,
+                 sliding_window, compiled)
+    cached = _block_mask_cache.get("last")
+    if cached is not None and cached[0] is key_positions and cached[1] == signature:
+        return cached[2]
+    first, tail_start = k_len - q_len, k_len - tail
+    key_is_real = key_positions >= 0
+
+    def reachable(b, q, key_index):
+        distance = first + q - key_index
+        allowed = key_is_real[b, key_index] & (distance >= 0)
+        if sliding_window is not None:
+            allowed = allowed & (distance < sliding_window)
+        return allowed, distance
+
+    def far_mask(b, h, q, kv):
+        allowed, distance = reachable(b, q, kv)
+        return allowed & (distance >= window)
+
+    def near_mask(b, h, q, kv):  # kv indexes the tail of the keys
+        allowed, distance = reachable(b, q, kv + tail_start)
+        return allowed & (distance < window)
+
+    create = _flex_module().create_block_mask
+    device = key_positions.device
+    far = None
+    if k_len - 1 >= window:
+        far = create(far_mask, batch, None, q_len, k_len, device=device, _compile=compiled)
+    near = create(near_mask, batch, None, q_len, tail, device=device, _compile=compiled)
+    _block_mask_cache["last"] = (key_positions, signature, (far, near))
+    return far, near
+
+
+def rerope_attention_flex(
+    query_near: torch.Tensor,
+    query_far: torch.Tensor,
+    key_near_tail: torch.Tensor,
+    key_far: torch.Tensor,
+    value: torch.Tensor,
+    key_positions: torch.Tensor,
+    window: int,
+    scaling: float,
+    sliding_window: int | None = None,
+    compiled: bool | None = None,
+) -> torch.Tensor:
+    """Exact ReRoPE / Leaky ReRoPE attention as two flex-attention passes; arguments and result as for
+    `rerope_attention` (returns [B, Lq, H, Dv]).
+
+    The far logits are one pass of the far queries over every key with the mask "distance ≥ window", the near ones
+    one pass of the near queries over the key tail with "0 ≤ distance < window"; both masks also drop padded keys
+    and keys beyond `sliding_window`. The two results are merged by their log-sum-exp, differentiably, so the same
+    code trains. Compiled (`compiled=None`: everywhere but the CPU) the kernels skip fully masked blocks, so time
+    follows one causal attention plus a band and memory grows linearly in L; uncompiled (what the CPU tests run)
+    it computes the same numbers with every score built.
+    """
+    if _flex_module() is None:
+        raise RuntimeError("rerope_attention_flex needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    if _leading_padding(key_positions) is None:
+        raise ValueError(
+            "ReRoPE attention supports padding at the start or the end of a row only (positions 0, 1, 2, … in "
+            "between); this attention mask has padding between real tokens."
+        )
+    compiled = query_near.device.type != "cpu" if compiled is None else compiled
+    q_len, k_len, tail = query_near.shape[2], key_far.shape[2], key_near_tail.shape[2]
+    far_mask, near_mask = _rerope_block_masks(key_positions, q_len, tail, window, sliding_window, compiled)
+    attend = _compiled_flex_attention() if compiled else _flex_module().flex_attention
+    parts = [_flex_with_lse(attend, query_near, key_near_tail, value[:, :, k_len - tail:], near_mask, scaling)]
+    if far_mask is not None:
+        parts.append(_flex_with_lse(attend, query_far, key_far, value, far_mask, scaling))
+    return _merge_by_lse(parts, value.dtype).transpose(1, 2).contiguous()
