@@ -70,12 +70,13 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
                        if needs_grad and ctx.needs_input_grad[1] else None)
         grad_bias = (torch.zeros_like(bias, dtype=_at_least_fp32(bias))
                      if needs_grad and bias is not None and ctx.needs_input_grad[2] else None)
-        for start in range(0, num_tokens, chunk_size):
+        for start, has_targets in zip(range(0, num_tokens, chunk_size),
+                                      _chunks_with_targets(targets, ignore_index, chunk_size)):
+            if not has_targets:  # a chunk of prompt or padding only: no logits to build
+                continue
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
             valid = t != ignore_index
-            if not bool(valid.any()):
-                continue
             valid = valid.to(total.dtype)  # a float mask: bool × Python float would be computed in fp32
             safe_t = torch.where(valid > 0, t, 0).unsqueeze(-1)
             # The chunk's one [chunk, V] block: logits, shifted by their row maximum, then exponentiated in place.
@@ -120,6 +121,15 @@ class _FusedLinearTailCappedLoss(torch.autograd.Function):
         grads = [None if not has else (g if unit else g * grad_output).to(dtype)
                  for g, has, dtype in zip(ctx.saved_tensors, ctx.has_grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None, None)
+
+
+def _chunks_with_targets(targets: torch.Tensor, ignore_index: int, chunk_size: int) -> list[bool]:
+    """Per chunk of `chunk_size` tokens, whether any target counts: one host read for all chunks (on CUDA a read
+    per chunk would stall the stream once per chunk)."""
+    counted = targets != ignore_index
+    chunks = -(-counted.shape[0] // chunk_size)
+    counted = torch.nn.functional.pad(counted, (0, chunks * chunk_size - counted.shape[0]))
+    return counted.view(chunks, chunk_size).any(dim=1).tolist()
 
 
 def _accumulate_chunk_grads(grad_logits, h, weight, start, grad_hidden, grad_weight, grad_bias) -> None:

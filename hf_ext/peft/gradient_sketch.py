@@ -43,12 +43,12 @@ class _LayerRangeFinder:
         """Add one batch's G_b·probe = δᵀ(X·probe) (or G_bᵀ·probe = Xᵀ(δ·probe)); inputs [T, in], grads [T, out]."""
         if self.probe is None:
             generator = torch.Generator().manual_seed(self.seed)
-            self.probe = torch.randn(self.tall_cols, self.q, generator=generator, dtype=inputs.dtype)
-        probe = self.probe.to(inputs.device)
+            # Drawn on the CPU (the numbers of svd_lowrank's CPU draw), moved to the layer's device once.
+            self.probe = torch.randn(self.tall_cols, self.q, generator=generator, dtype=inputs.dtype).to(inputs.device)
         if self.multiplies_gradient:
-            product = output_grads.T @ (inputs @ probe)
+            product = output_grads.T @ (inputs @ self.probe)
         else:
-            product = inputs.T @ (output_grads @ probe)
+            product = inputs.T @ (output_grads @ self.probe)
         self.product = product if self.product is None else self.product.add_(product)
 
     def finish_pass(self, num_batches: int, final: bool, name: str = "", first: bool = False) -> None:
