@@ -79,6 +79,27 @@ def key_positions_from_mask(
     return positions
 
 
+def _once_per_forward(function):
+    """Memoise `function(key_positions, *rest)` on the identity (and version) of its tensor arguments.
+
+    Every layer of one forward receives the same key-position tensor, so a check that reads it back to the host
+    (a GPU sync) runs once per forward instead of once per layer. One entry is kept: the last forward's.
+    """
+    last = {}
+
+    @functools.wraps(function)
+    def memoised(*args):
+        signature = tuple((id(a), a._version) if torch.is_tensor(a) else a for a in args)
+        if last.get("signature") == signature and all(x is y for x, y in zip(last["args"], args)):
+            return last["result"]
+        result = function(*args)
+        last.update(signature=signature, args=args, result=result)
+        return result
+
+    return memoised
+
+
+@_once_per_forward
 def check_query_positions(key_positions: torch.Tensor, position_ids: torch.Tensor | None, q_len: int) -> None:
     """Raise unless the model's position ids agree with the positions counted from the attention mask.
 
@@ -279,6 +300,7 @@ def _rerope_prefix_padded(query_near, query_far, key_near_tail, key_far, value, 
     return acc.out.to(value.dtype)
 
 
+@_once_per_forward
 def _leading_padding(key_positions: torch.Tensor) -> torch.Tensor | None:
     """Per row, the number of leading padded keys, if every row is [padding] + p, p+1, p+2, … + [padding]; else None."""
     real = key_positions >= 0
