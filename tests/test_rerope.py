@@ -299,6 +299,18 @@ def test_generate_with_cache_equals_without_and_with_left_padding(implementation
     assert torch.equal(batched[1], model.generate(other, **settings)[0])
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_inference_mode_gives_the_no_grad_logits(implementation, kernel_route):
+    """Inference-mode tensors carry no version counter: the per-forward memo of the padding checks must not need
+    one (benchmarks and pipelines run under torch.inference_mode)."""
+    model, _ = load("llama", implementation, rerope_window=6, logn_training_length=10)
+    tokens = ids(2, 20)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    with torch.inference_mode():
+        assert torch.equal(model(tokens).logits, expected)
+
+
 def test_sliding_window_checkpoint_keeps_its_window(kernel_route):
     """Mistral with a sliding window: ReRoPE applies inside the sliding window, nothing beyond it is attended."""
     torch.manual_seed(0)

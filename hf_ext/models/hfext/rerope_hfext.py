@@ -79,6 +79,11 @@ def key_positions_from_mask(
     return positions
 
 
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter; None for inference-mode tensors, which have none (identity alone counts)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def _once_per_forward(function):
     """Memoise `function(key_positions, *rest)` on the identity (and version) of its tensor arguments.
 
@@ -89,7 +94,7 @@ def _once_per_forward(function):
 
     @functools.wraps(function)
     def memoised(*args):
-        signature = tuple((id(a), a._version) if torch.is_tensor(a) else a for a in args)
+        signature = tuple((id(a), _version_of(a)) if torch.is_tensor(a) else a for a in args)
         if last.get("signature") == signature and all(x is y for x, y in zip(last["args"], args)):
             return last["result"]
         result = function(*args)
@@ -433,7 +438,7 @@ _block_mask_cache: dict = {}  # the masks of the last call: every layer of one f
 def _rerope_block_masks(key_positions, q_len, tail, window, sliding_window, compiled):
     """(far, near) flex block masks; far may be None when no key is `window` or more tokens before a query."""
     batch, k_len = key_positions.shape
-    signature = (key_positions.shape, key_positions.device, key_positions._version, q_len, tail, window,
+    signature = (key_positions.shape, key_positions.device, _version_of(key_positions), q_len, tail, window,
                  sliding_window, compiled)
     cached = _block_mask_cache.get("last")
     if cached is not None and cached[0] is key_positions and cached[1] == signature:
