@@ -76,7 +76,9 @@ def _solve_chunk(model, noise, num_steps, solver, num_train_timesteps, return_tr
                 trajectory.append(sample)
             if solver == "euler" or index % 2 == 0:
                 velocities.append(velocity)
-    sigmas = torch.unique_consecutive(scheduler.sigmas).tolist()  # Heun's grid lists its inner σ twice
+    # The host's copy of the σ grid (reading the device's would wait for the whole solve); Heun lists inner σ twice.
+    sigmas = [sigma for index, sigma in enumerate(scheduler._sigma_values)
+              if index == 0 or sigma != scheduler._sigma_values[index - 1]]
     if not return_trajectory:
         return FlowSolution(samples=sample, sigmas=sigmas)
     return FlowSolution(samples=sample, trajectory=trajectory, sigmas=sigmas, velocities=velocities)

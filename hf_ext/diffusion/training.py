@@ -134,9 +134,9 @@ def train_rectified_flow(model, dataset, args: FlowTrainingArguments, accelerato
                          "Gaussian): convert it with .float()")
 
     def batch(generator, device):
-        data = _take(dataset, _indices(len(dataset), args.batch_size, generator)).to(device)
-        noise = torch.randn(data.shape, generator=generator).to(device, data.dtype)
-        return data, noise, torch.rand(data.shape[0], generator=generator).to(device)
+        data = _to_device(_take(dataset, _indices(len(dataset), args.batch_size, generator)), device)
+        noise = _to_device(torch.randn(data.shape, generator=generator), device, data.dtype)
+        return data, noise, _to_device(torch.rand(data.shape[0], generator=generator), device)
 
     return _train(model, args, batch, accelerator, "1-rectified flow")
 
@@ -150,8 +150,8 @@ def train_reflow(model, pairs: ReflowPairs, args: FlowTrainingArguments, acceler
 
     def batch(generator, device):
         index = _indices(len(pairs), args.batch_size, generator)
-        noise, data = pairs.noise[index].to(device), pairs.samples[index].to(device)
-        return data, noise, torch.rand(data.shape[0], generator=generator).to(device)
+        noise, data = _rows(pairs.noise, index, device), _rows(pairs.samples, index, device)
+        return data, noise, _to_device(torch.rand(data.shape[0], generator=generator), device)
 
     return _train(model, args, batch, accelerator, "reflow")
 
@@ -166,8 +166,8 @@ def distill(model, pairs: ReflowPairs, args: FlowTrainingArguments, num_steps: i
 
     def batch(generator, device):
         index = _indices(len(pairs), args.batch_size, generator)
-        noise, data = pairs.noise[index].to(device), pairs.samples[index].to(device)
-        sigma = grid[torch.randint(num_steps, (len(index),), generator=generator)].to(device)
+        noise, data = _rows(pairs.noise, index, device), _rows(pairs.samples, index, device)
+        sigma = _to_device(grid[torch.randint(num_steps, (len(index),), generator=generator)], device)
         return data, noise, sigma
 
     return _train(model, args, batch, accelerator, f"{num_steps}-step distillation")
@@ -204,9 +204,10 @@ def _train(model, args: FlowTrainingArguments, make_batch: Callable, accelerator
         data, noise, sigma = make_batch(generator, accelerator.device)
         with accelerator.autocast():
             loss = rectified_flow_loss(model, data, noise, sigma, args.num_train_timesteps)
-        # The step's one host sync (the loss is logged anyway), before the batch can reach the weights. With several
-        # processes their summed loss comes along (a sum keeps NaN, where max/min would drop it): a NaN on any of
-        # them would be in everyone's averaged gradient.
+        # The step's one host sync (the loss is logged anyway), before the batch can reach the weights: skipping or
+        # refusing a non-finite step must be decided on the host. Nothing else in a step waits for the device
+        # (tests/test_host_syncs.py). With several processes their summed loss comes along (a sum keeps NaN, where
+        # max/min would drop it): a NaN on any of them would be in everyone's averaged gradient.
         checked = loss.detach().reshape(1)
         if accelerator.num_processes > 1:
             checked = torch.cat([checked, accelerator.reduce(checked, "sum")])
@@ -261,9 +262,22 @@ def _indices(size: int, batch_size: int, generator: torch.Generator) -> torch.Te
     return torch.randint(size, (batch_size,), generator=generator)
 
 
+def _to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A batch drawn on the host (by the seeded CPU generator) to the training device. The copy does not make the
+    host wait for the device (a blocking copy would synchronise with it at every step), except towards the CPU,
+    where it must block or the values could be read before they land."""
+    return tensor.to(device=device, dtype=dtype, non_blocking=torch.device(device).type != "cpu")
+
+
+def _rows(tensor: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
+    """tensor[index] on ``device``; the index goes to the tensor's device first without waiting, where indexing a
+    device tensor with a host index would copy it with a wait."""
+    return _to_device(tensor[_to_device(index, tensor.device)], device)
+
+
 def _take(dataset, index: torch.Tensor) -> torch.Tensor:
     if isinstance(dataset, torch.Tensor):
-        return dataset[index]
+        return dataset[_to_device(index, dataset.device)]
     items = [dataset[i] for i in index.tolist()]
     if isinstance(items[0], dict):
         key = "sample" if "sample" in items[0] else "pixel_values"

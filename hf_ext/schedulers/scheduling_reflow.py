@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._validation import check_integer, check_number
 from ..ops import flow
+from ._device import element_value, refuse_if, to_device
 from ._validation import check_choice, check_decreasing, timestep_not_in_schedule_error
 
 PREDICTION_TYPES = ("flow_prediction", "sample")
@@ -123,6 +124,7 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
             train_sigmas = flow.shift_sigmas(train_sigmas, shift)
         self.sigmas = torch.from_numpy(train_sigmas.astype(np.float32))
         self.timesteps = self.sigmas * num_train_timesteps
+        self._timestep_values = self.timesteps.tolist()  # the values of self.timesteps' elements, on the host
         self._step_index = None
         self._begin_index = None
         self._heun_state = None  # (sample, velocity, sigma) between Heun's two calls
@@ -209,23 +211,27 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
                 self._check_grid(sigma_grid, "sigmas", scale=1)
             sigma_grid = self._shift_grid(sigma_grid, mu)
         sigma_grid = self._respace(sigma_grid, num_inference_steps)
-        step_sigmas = torch.from_numpy(np.asarray(sigma_grid, dtype=np.float32)).to(device)
+        # Built on the host, where step() reads the σ as Python numbers (never the device's copy, which would make
+        # the host wait for the device at every step), then moved to the device once.
+        step_sigmas = torch.from_numpy(np.asarray(sigma_grid, dtype=np.float32))
         if timesteps is not None:
-            step_timesteps = torch.tensor(np.asarray(timesteps, dtype=np.float32), device=device)
+            step_timesteps = torch.tensor(np.asarray(timesteps, dtype=np.float32))
         else:
             step_timesteps = step_sigmas * T
         if config.invert_sigmas:
             step_sigmas = 1.0 - step_sigmas
             step_timesteps = step_sigmas * T
-        end = torch.ones(1, device=step_sigmas.device) if config.invert_sigmas else torch.zeros(1, device=step_sigmas.device)
+        end = torch.ones(1) if config.invert_sigmas else torch.zeros(1)
 
         if config.solver == "heun":  # every inner timestep is visited twice: Heun's corrector, then the next predictor
             step_timesteps = torch.cat([step_timesteps[:1], step_timesteps[1:].repeat_interleave(2)])
             step_sigmas = torch.cat([step_sigmas[:1], step_sigmas[1:].repeat_interleave(2)])
         self.num_inference_steps = num_inference_steps
-        self.timesteps = step_timesteps
-        self.sigmas = torch.cat([step_sigmas, end])
-        self._sigma_values = self.sigmas.tolist()  # float32 values as Python floats: step() reads these
+        sigmas = torch.cat([step_sigmas, end])
+        self._sigma_values = sigmas.tolist()  # float32 values as Python floats: step() reads these
+        self._timestep_values = step_timesteps.tolist()
+        self.timesteps = step_timesteps.to(device)
+        self.sigmas = sigmas.to(device)
         self._step_index = None
         self._begin_index = None
         self._heun_state = None
@@ -259,11 +265,21 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
 
     # ---- stepping -------------------------------------------------------------------------------------------------
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """The place of ``timestep`` in the schedule; a timestep listed twice (Heun) is entered at its second
+        occurrence (only a loop resumed mid-schedule starts there).
+
+        An element of ``scheduler.timesteps`` (what pipelines pass) is found on the host. Any other tensor is
+        compared on its device and read back, which on an accelerator waits for the device, once per sampling loop
+        (as FlowMatchEuler does).
+        """
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        value = element_value(timestep, schedule, self._timestep_values) if schedule is self.timesteps else None
+        if value is not None:
+            matches = [index for index, listed in enumerate(self._timestep_values) if listed == value]
+            return matches[1 if len(matches) > 1 else 0]
         matches = (schedule == torch.as_tensor(timestep, dtype=schedule.dtype, device=schedule.device)).nonzero()
         if len(matches) == 0:
             raise timestep_not_in_schedule_error(timestep, schedule)
-        # A timestep listed twice (Heun) is entered at its second occurrence only when resuming mid-schedule.
         return matches[1 if len(matches) > 1 else 0].item()
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
@@ -321,13 +337,14 @@ class ReFlowScheduler(SchedulerMixin, ConfigMixin):
         timestep in [0, T] — a timestep need not be on the inference grid, so training can draw it freely.
         """
         T = self.config.num_train_timesteps
-        timestep = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
+        # On the sample's device; a training step's timesteps are checked there too, never read back to the host.
+        timestep = to_device(timestep, sample.device, torch.float32).reshape(-1)
         if self._begin_index is not None and self.num_inference_steps is not None:
             index = self._step_index if self._step_index is not None else self._begin_index
-            sigma = self.sigmas[index].to(sample.device).expand(timestep.shape[0])
+            sigma = timestep.new_full(timestep.shape, self._sigma_values[index])
         else:
-            if timestep.min() < 0 or timestep.max() > T:
-                raise ValueError(f"timestep must lie in [0, num_train_timesteps={T}], got "
-                                 f"[{timestep.min().item():g}, {timestep.max().item():g}]")
+            refuse_if(((timestep < 0) | (timestep > T)).any(),
+                      lambda: f"timestep must lie in [0, num_train_timesteps={T}], got "
+                              f"[{timestep.min().item():g}, {timestep.max().item():g}]")
             sigma = timestep / T
         return flow.add_flow_noise(sample, noise, sigma.to(sample.dtype))

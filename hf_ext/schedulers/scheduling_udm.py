@@ -51,6 +51,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .._validation import check_integer, check_number
 from ..ops import udm
+from ._device import element_value, refuse_if, to_device
 from ._validation import check_choice, check_decreasing, timestep_not_in_schedule_error
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -203,6 +204,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
                                       rescale_betas_zero_snr)
             self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.variance_preserving = not self.flow_schedule
+        self._device_alphas_cumprod = None  # a copy of alphas_cumprod on the device add_noise last ran on
         self.init_noise_sigma = 1.0
         # diffusers drops settings left at their default when another scheduler class reads this configuration;
         # the ones that choose the sampler must travel along, so that UDM → DDIM → UDM comes back the same sampler
@@ -241,13 +243,22 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             sigma = t.float() / self.config.num_train_timesteps
             sigma = torch.where(t < 0, torch.zeros_like(sigma), sigma)
             return (1.0 - sigma) ** 2, sigma**2
+        table = self._alphas_cumprod_on(t.device)
         if self.continuous and t.is_floating_point():
-            alphas_cumprod = udm.interpolate_log_alphas_cumprod(self.alphas_cumprod, t.clamp(min=0)).float()
+            alphas_cumprod = udm.interpolate_log_alphas_cumprod(table, t.clamp(min=0)).float()
         else:
-            alphas_cumprod = self.alphas_cumprod[t.long().clamp(min=0)]
+            alphas_cumprod = table[t.long().clamp(min=0)]
         final = torch.ones(()) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
         alphas_cumprod = torch.where(t < 0, final, alphas_cumprod)
         return alphas_cumprod, 1 - alphas_cumprod
+
+    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        """ᾱ on ``device``: copied there once, not at every training step (the copy would wait for the device)."""
+        if self.alphas_cumprod.device == device:
+            return self.alphas_cumprod
+        if self._device_alphas_cumprod is None or self._device_alphas_cumprod.device != device:
+            self._device_alphas_cumprod = to_device(self.alphas_cumprod, device)
+        return self._device_alphas_cumprod
 
     # ---- schedule -------------------------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
@@ -272,23 +283,30 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps={T}], got {num_inference_steps}")
             values = self._spaced_timesteps(num_inference_steps)
         self._use_schedule(values, len(values), device, custom=timesteps is not None)
+        # The configured sampler's step coefficients now, not in the first step (another η: in its first step).
+        self._coefficient_table(self.config.eta, self.config.use_clipped_model_output)
 
     def _use_schedule(self, values: np.ndarray, num_inference_steps: int | None, device=None, custom=False) -> None:
         """Store the listed timesteps, the timestep each step lands on (per ``step_convention``) and their levels."""
         self.num_inference_steps = num_inference_steps
         dtype = torch.float32 if self.continuous else torch.int64
-        self._schedule = torch.from_numpy(np.ascontiguousarray(values)).to(dtype=dtype, device=device)
-        self._schedule_values = self._schedule.tolist()
-        schedule = self._schedule.cpu()
+        # Everything a step needs is computed here on the host, once per schedule: step() reads these Python
+        # numbers and never a device tensor's value (that would make the host wait for the device at every step).
+        schedule = torch.from_numpy(np.ascontiguousarray(values)).to(dtype=dtype)
+        self._host_schedule = schedule
+        self._schedule_values = schedule.tolist()
         if self.config.step_convention == "ddim" and not custom and not self.continuous:
             targets = schedule - self._stride()  # DDIM: t − T//N, whatever the spacing listed
         else:
             targets = torch.cat([schedule[1:], schedule.new_tensor([-1])])
         self._targets = targets
         self._coefficients = {}  # per (eta, use_clipped_model_output): one row of step coefficients per timestep
-        self.timesteps = self._schedule
+        timesteps = schedule
         if self.config.solver == "heun":
-            self.timesteps = torch.cat([self._schedule[:1], self._schedule[1:].repeat_interleave(2)])
+            timesteps = torch.cat([schedule[:1], schedule[1:].repeat_interleave(2)])
+        self._timestep_values = timesteps.tolist()  # the values of self.timesteps' elements (see _timestep_value)
+        self._schedule = schedule.to(device)
+        self.timesteps = self._schedule if self.config.solver != "heun" else timesteps.to(device)
         self._heun_state = None  # (x_t, ε̂_t, a_t, b_t, s) between Heun's predictor and corrector calls
 
     def _stride(self) -> int:
@@ -316,8 +334,12 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             return self._targets[index]
         return torch.tensor(self._timestep_value(timestep) - self._stride(), dtype=self._schedule.dtype)
 
-    @staticmethod
-    def _timestep_value(timestep):
+    def _timestep_value(self, timestep):
+        """A timestep as a Python number. An element of ``self.timesteps`` (what pipelines pass) is looked up on the
+        host; any other tensor is read, which on an accelerator waits for the device (as DDPM/DDIM do every step)."""
+        known = element_value(timestep, self.timesteps, self._timestep_values)
+        if known is not None:
+            return known
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1:
                 raise ValueError(f"step() takes a single timestep, got a tensor of shape {tuple(timestep.shape)}")
@@ -344,11 +366,15 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
             t, s = (torch.tensor([float(self._timestep_value(value))]) for value in
                     (timestep, self.previous_timestep(timestep)))
             return self._coefficient_rows(t, s, eta, use_clipped_model_output)[0]
+        return self._coefficient_table(eta, use_clipped_model_output)[index]
+
+    def _coefficient_table(self, eta: float, use_clipped_model_output: bool) -> list[tuple]:
+        """The rows of `_coefficient_rows` for every listed timestep, computed on the host once per schedule and η."""
         key = (eta, use_clipped_model_output)
         if key not in self._coefficients:
-            self._coefficients[key] = self._coefficient_rows(self._schedule.cpu(), self._targets, eta,
+            self._coefficients[key] = self._coefficient_rows(self._host_schedule, self._targets, eta,
                                                              use_clipped_model_output)
-        return self._coefficients[key][index]
+        return self._coefficients[key]
 
     def _coefficient_rows(self, t: torch.Tensor, s: torch.Tensor, eta: float,
                           use_clipped_model_output: bool) -> list[tuple]:
@@ -503,15 +529,16 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
 
     # ---- forward process (training) ---------------------------------------------------------------------------
     def _levels_like(self, sample: torch.Tensor, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
-        timesteps = torch.as_tensor(timesteps).reshape(-1).cpu()
+        """(a_t, b_t) per sample, computed on the sample's device (a training step's timesteps never go to the host)."""
+        timesteps = to_device(timesteps, sample.device).reshape(-1)
         top = self.config.num_train_timesteps if self.flow_schedule else self.config.num_train_timesteps - 1
-        if timesteps.min() < 0 or timesteps.max() > top:
-            raise ValueError(f"timesteps must lie in [0, {top}], got [{timesteps.min().item():g}, "
-                             f"{timesteps.max().item():g}]")
+        refuse_if(((timesteps < 0) | (timesteps > top)).any(),
+                  lambda: f"timesteps must lie in [0, {top}], got [{timesteps.min().item():g}, "
+                          f"{timesteps.max().item():g}]")
         alpha_prod, beta_prod = self.noise_levels(timesteps)
         a, b = alpha_prod**0.5, beta_prod**0.5
         shape = (-1, *([1] * (sample.ndim - 1)))
-        return (a.to(sample.device, sample.dtype).reshape(shape), b.to(sample.device, sample.dtype).reshape(shape))
+        return a.to(sample.dtype).reshape(shape), b.to(sample.dtype).reshape(shape)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = a_t·x0 + b_t·ε for a timestep per sample (training)."""

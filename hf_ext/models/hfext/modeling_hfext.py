@@ -44,7 +44,6 @@ from .positions_hfext import (
     LAYOUT_FREQUENCY_ASSIGNMENT,
     build_position_ids,
     check_image_markers,
-    image_grids_per_row,
     multi_axis_angles,
 )
 from .rerope_hfext import (
@@ -681,10 +680,8 @@ class HfExtModel(HfExtPreTrainedModel):
             is_patch = input_ids == config.image_token_id
         else:
             is_patch = torch.zeros_like(input_ids, dtype=torch.bool)
-        grids = image_grids_per_row(image_grid_hw, input_ids.shape[0])
-        positions = build_position_ids(is_patch.cpu(), grids, config.position_layout,
-                                       None if attention_mask is None else attention_mask.cpu())
-        return positions.to(device=input_ids.device, dtype=torch.float32)
+        # Built where input_ids live, from the grid tensor itself: no copy to the host, no wait for the device.
+        return build_position_ids(is_patch, image_grid_hw, config.position_layout, attention_mask, dtype=torch.float32)
 
     def _default_position_ids(self, input_ids, inputs_embeds, image_grid_hw, attention_mask, past_seen_tokens):
         config = self.config
