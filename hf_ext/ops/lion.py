@@ -51,12 +51,28 @@ def lion_update_single(param, grad, momentum, lr: float, beta1: float, beta2: fl
             target.copy_(value)
 
 
-def lion_update_foreach(params, grads, momenta, lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
-    """`lion_update_single` over lists of tensors with ``torch._foreach_*`` ops (same arithmetic, fewer calls)."""
+def lion_update_foreach(params, grads, momenta, lr: float, beta1: float, beta2: float, weight_decay: float,
+                        *, finite: torch.Tensor | None = None) -> None:
+    """`lion_update_single` over lists of tensors with ``torch._foreach_*`` ops (same arithmetic, fewer calls).
+
+    ``finite``: an optional 0-d bool tensor; where it is False nothing changes, and no value is read on the host
+    (see `_masked_foreach`)."""
+    if finite is not None:
+        _masked_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay, finite)
+        return
     dtypes = [_compute_dtype(m) for m in momenta]
     work = [p.to(d) for p, d in zip(params, dtypes)]
     moments = [m.to(d) for m, d in zip(momenta, dtypes)]
     grads = [g.to(d) for g, d in zip(grads, dtypes)]
+    _foreach_steps(work, grads, moments, lr, beta1, beta2, weight_decay)
+    for targets, values in ((params, work), (momenta, moments)):
+        for target, value in zip(targets, values):
+            if value is not target:
+                target.copy_(value)
+
+
+def _foreach_steps(work, grads, moments, lr, beta1, beta2, weight_decay) -> None:
+    # the Lion update in place on `work` (parameters) and `moments`, in the compute dtype
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
     direction = torch._foreach_mul(moments, beta1)
@@ -65,75 +81,160 @@ def lion_update_foreach(params, grads, momenta, lr: float, beta1: float, beta2: 
     torch._foreach_add_(work, direction, alpha=-lr)
     torch._foreach_mul_(moments, beta2)
     torch._foreach_add_(moments, grads, alpha=1 - beta2)
-    for targets, values in ((params, work), (momenta, moments)):
-        for target, value in zip(targets, values):
-            if value is not target:
-                target.copy_(value)
 
 
-def _lion_update_flat(param, grad, momentum, lr, beta1, beta2, weight_decay):
+_MASKED_CHUNK_NUMEL = 1 << 22  # the masked foreach form copies at most this many elements (or one tensor) at a time
+
+
+def _masked_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay, finite) -> None:
+    # The foreach update on copies, then torch.where(finite, new, old) into each tensor: the same numbers when
+    # `finite` holds, nothing changed when not, no host sync either way. It serves the small tensors of the fused
+    # path (and all of them if torch.compile fails mid-step); the copies go in chunks to bound the extra memory.
+    flags = _PerDevice(lambda device: finite.to(device))
+    start = 0
+    while start < len(params):
+        stop, numel = start, 0
+        while stop < len(params) and (stop == start or numel + params[stop].numel() <= _MASKED_CHUNK_NUMEL):
+            numel += params[stop].numel()
+            stop += 1
+        chunk = slice(start, stop)
+        dtypes = [_compute_dtype(m) for m in momenta[chunk]]
+        work = [p.to(d, copy=True) for p, d in zip(params[chunk], dtypes)]
+        moments = [m.to(d, copy=True) for m, d in zip(momenta[chunk], dtypes)]
+        chunk_grads = [g.to(d) for g, d in zip(grads[chunk], dtypes)]
+        _foreach_steps(work, chunk_grads, moments, lr, beta1, beta2, weight_decay)
+        for targets, values in ((params[chunk], work), (momenta[chunk], moments)):
+            for target, value in zip(targets, values):
+                target.copy_(torch.where(flags[target.device], value, target))
+        start = stop
+
+
+def _lion_update_flat(param, grad, momentum, scalars, finite):
     # The same operations as `lion_update_single` on 1-D views, written out of place so that the compiler fuses
-    # them into one loop. Hyper-parameters arrive as 0-d float64 tensors (a learning-rate schedule must not
-    # recompile). `prims.fma` reproduces eager's `add(x, alpha=a)`, which is a fused multiply-add; a plain
-    # `x * a + y` would round twice and drift from the other kernels.
+    # them into one loop. `scalars` (see `_step_scalars`) holds the step's numbers as a float64 vector on the
+    # tensors' device: tensors, so that a learning-rate schedule does not recompile, and on the device, so that the
+    # same code serves CPU and CUDA. They are cast to the compute dtype here, as eager casts a Python number.
+    # `prims.fma` reproduces eager's `add(x, alpha=a)`, which is a fused multiply-add; a plain `x * a + y` would
+    # round twice and drift from the other kernels. Every `a * b + c` is written as an explicit fma for a second
+    # reason: Triton contracts a plain multiply-add into an fma on its own (C++ is built with -ffp-contract=off), and
+    # `decayed - direction * lr` might become fma(work, decay, ·), which rounds differently from eager's `mul_`.
+    # `finite` (0-d bool) masks the whole update: skipping a step with non-finite gradients needs no host sync.
     dtype = _compute_dtype(momentum)
+    scalars = scalars.to(dtype)
+    decay, minus_lr, beta1, one_minus_beta1, beta2, one_minus_beta2 = (scalars[k] for k in range(6))
     work, moment, grad = param.to(dtype), momentum.to(dtype), grad.to(dtype)
-    work = work * (1 - lr * weight_decay)
-    direction = torch.sign(torch.ops.prims.fma(grad, (1 - beta1).to(dtype).expand_as(grad), moment * beta1))
-    param.copy_(work - direction * lr.to(dtype))  # direction is -1, 0 or 1, so the product is exact
-    momentum.copy_(torch.ops.prims.fma(grad, (1 - beta2).to(dtype).expand_as(grad), moment * beta2))
+    fma = torch.ops.prims.fma  # prims take no broadcasting: the scalars are expanded
+    direction = torch.sign(fma(grad, one_minus_beta1.expand_as(grad), moment * beta1))
+    new_param = fma(direction, minus_lr.expand_as(grad), work * decay)  # direction is -1, 0 or 1: an exact product
+    new_momentum = fma(grad, one_minus_beta2.expand_as(grad), moment * beta2)
+    param.copy_(torch.where(finite, new_param, work))
+    momentum.copy_(torch.where(finite, new_momentum, moment))
+
+
+def _step_scalars(lr, beta1, beta2, weight_decay, device: torch.device) -> torch.Tensor:
+    """The fused kernel's numbers as one float64 vector on ``device``, computed here in Python floats exactly as the
+    eager kernels compute them (so the compiler cannot contract ``1 - lr·λ`` into another rounding). On CUDA it is
+    queued from pinned memory (``non_blocking``): a plain host-to-device copy would wait for the GPU."""
+    values = [1 - lr * weight_decay, -lr, beta1, 1 - beta1, beta2, 1 - beta2]
+    pinned = device.type == "cuda"
+    return torch.tensor(values, dtype=torch.float64, pin_memory=pinned).to(device, non_blocking=pinned)
+
+
+class _PerDevice(dict):
+    """``make(device)`` once per device (parameters of one model may sit on several GPUs)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, device):
+        self[device] = value = self.make(device)
+        return value
 
 
 # Below this size a compiled call's fixed cost (~30 µs) outweighs its saving; such tensors go through foreach.
 FUSED_MIN_NUMEL = 32768
-_compiled_flat = None
+_compiled_flat = None  # the compiled `_lion_update_flat`
 _compile_failure: str | None = None  # why torch.compile could not build the kernel here, once it has failed
 
 
+def _compiled_update():
+    """`_lion_update_flat` compiled lazily, on the first call (a few seconds, logged; cached on disk by torch), with a
+    dynamic length so that one build serves every tensor size. Nothing in it depends on the device: inductor emits
+    C++ on CPU and Triton on CUDA from the same function."""
+    global _compiled_flat
+    if _compiled_flat is None:
+        logger.info("Lion: compiling the fused update kernel with torch.compile (once per process, a few seconds)")
+        _compiled_flat = torch.compile(_lion_update_flat, fullgraph=True, dynamic=True)
+    return _compiled_flat
+
+
+def fused_kernel_available() -> bool:
+    """False once torch.compile has failed to build the fused kernel in this process."""
+    return _compile_failure is None
+
+
+def _recompile_limit():
+    # Each dtype combination and tensor rank compiles once; allow more variants than dynamo's default of 8 (the
+    # setting is `recompile_limit` since torch 2.7, `cache_size_limit` before).
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{limit: 64})
+
+
+def _compile_failed(error: Exception, fallback: bool, stacklevel: int) -> None:
+    """Raise (``fallback=False``) or record the failure and warn once (the caller then takes the foreach kernel)."""
+    global _compile_failure
+    if not fallback:
+        raise RuntimeError("Lion(fused=True): torch.compile could not build the fused update kernel "
+                           f"({type(error).__name__}: {error}); use fused=False (the foreach kernel "
+                           "gives identical results)") from error
+    _compile_failure = f"{type(error).__name__}: {error}"
+    warnings.warn(f"Lion: torch.compile could not build the fused update kernel ({_compile_failure}); "
+                  "using the foreach kernel from now on (identical results, slower). Pass fused=False "
+                  "to choose it without trying.", RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _fused_eligible(*tensors) -> bool:
+    return tensors[0].numel() >= FUSED_MIN_NUMEL and all(t.is_contiguous() for t in tensors)
+
+
 def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: float, weight_decay: float,
-                      *, fallback: bool = False) -> None:
+                      *, fallback: bool = False, finite: torch.Tensor | None = None) -> None:
     """`lion_update_foreach` with one compiled memory pass per large tensor (``torch.compile``: C++ on CPU, Triton on
     CUDA).
 
     One kernel, compiled on the first call with a dynamic length (a few seconds, logged; cached on disk by torch),
     serves every contiguous tensor of at least `FUSED_MIN_NUMEL` elements; the rest take the foreach kernel. Results
-    are identical to the other kernels (tested). If the compiler cannot build the kernel, ``fallback=False`` raises;
-    ``fallback=True`` (Lion's default kernel choice) warns once and updates the remaining tensors, then and on later
-    calls, with the foreach kernel — the same numbers, only slower.
+    are identical to the other kernels (tested). ``finite``: an optional 0-d bool tensor (e.g. the ``.all()`` of
+    `hf_ext.optim._step_checks.finite_flags`); where it is False, no parameter or momentum changes, and no value is
+    read on the host. If the compiler
+    cannot build the kernel, ``fallback=False`` raises; ``fallback=True`` (Lion's default kernel choice) warns once
+    and updates the remaining tensors, then and on later calls, with the foreach kernel — the same numbers, only
+    slower.
     """
-    global _compiled_flat, _compile_failure
     if fallback and _compile_failure is not None:
-        lion_update_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay)
+        lion_update_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay, finite=finite)
         return
-    if _compiled_flat is None:
-        logger.info("Lion: compiling the fused update kernel with torch.compile (once per process, a few seconds)")
-        _compiled_flat = torch.compile(_lion_update_flat, fullgraph=True, dynamic=True)
-    hyper = [torch.tensor(value, dtype=torch.float64) for value in (lr, beta1, beta2, weight_decay)]
-    small, compiled = ([], [], []), True
-    # Each dtype combination and tensor rank compiles once; allow more variants than dynamo's default of 8 (the
-    # setting is `recompile_limit` since torch 2.7, `cache_size_limit` before).
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    with torch._dynamo.config.patch(**{limit: 64}):
+    update = _compiled_update()
+    scalars = _PerDevice(lambda device: _step_scalars(lr, beta1, beta2, weight_decay, device))
+    flags = _PerDevice(lambda device: (torch.ones((), dtype=torch.bool, device=device) if finite is None
+                                       else finite.to(device)))
+    rest, compiled = ([], [], []), True
+    with _recompile_limit():
         for param, grad, momentum in zip(params, grads, momenta):
             tensors = (param, grad, momentum)
-            if compiled and param.numel() >= FUSED_MIN_NUMEL and all(t.is_contiguous() for t in tensors):
+            if compiled and _fused_eligible(*tensors):
                 try:
-                    _compiled_flat(*(t.view(-1) for t in tensors), *hyper)
+                    update(*(t.view(-1) for t in tensors), scalars[param.device], flags[param.device])
                     continue
                 except Exception as error:  # the compiler backend is missing or broken on this machine
-                    if not fallback:
-                        raise RuntimeError("Lion(fused=True): torch.compile could not build the fused update kernel "
-                                           f"({type(error).__name__}: {error}); use fused=False (the foreach kernel "
-                                           "gives identical results)") from error
                     # compiling fails before the kernel touches its tensors: this one and the rest go to foreach
-                    compiled, _compile_failure = False, f"{type(error).__name__}: {error}"
-                    warnings.warn(f"Lion: torch.compile could not build the fused update kernel ({_compile_failure}); "
-                                  "using the foreach kernel from now on (identical results, slower). Pass fused=False "
-                                  "to choose it without trying.", RuntimeWarning, stacklevel=3)
-            for bucket, tensor in zip(small, tensors):
+                    _compile_failed(error, fallback, stacklevel=3)
+                    compiled = False
+            for bucket, tensor in zip(rest, tensors):
                 bucket.append(tensor)
-    if small[0]:
-        lion_update_foreach(*small, lr, beta1, beta2, weight_decay)
+    if rest[0]:
+        lion_update_foreach(*rest, lr, beta1, beta2, weight_decay, finite=finite)
 
 
 def lion_reference_float64(param, grad, momentum, lr, beta1, beta2, weight_decay):

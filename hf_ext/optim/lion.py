@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .._validation import check_choice, check_number
-from ..ops.lion import lion_update_foreach, lion_update_fused, lion_update_single
+from ..ops.lion import fused_kernel_available, lion_update_foreach, lion_update_fused, lion_update_single
 from ._dtensor import is_dtensor
-from ._step_checks import NONFINITE_GRADS_OPTIONS, check_group_numbers, grads_are_finite
+from ._step_checks import (NONFINITE_GRADS_OPTIONS, SkippedStepReports, check_group_numbers, finite_flags,
+                           grads_are_finite)
 
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _GROUP_OPTIONS = ("lr", "betas", "weight_decay", "maximize", "foreach", "fused", "state_dtype")  # Lion's own
@@ -45,8 +46,13 @@ class Lion(torch.optim.Optimizer):
         nonfinite_grads: what a step does when a gradient holds NaN or inf (one NaN would make the momentum NaN and
             freeze the tensor for good): ``"raise"`` (default) raises FloatingPointError before anything changes,
             naming the parameter; ``"skip"`` skips the whole step (no parameter or momentum changes) with a
-            RuntimeWarning, as a gradient scaler does. The check costs one fused reduction and one host sync per
-            step. ``lr`` and ``weight_decay`` are checked again at each step (finite, >= 0): a scheduler may set them.
+            RuntimeWarning, as a gradient scaler does. The check reads every gradient once more (``torch.aminmax``
+            per tensor: exact, no overflow) and reads one value on the host per step (one host sync). With the
+            fused kernel, ``"skip"`` reads none: the update is masked on the device (like a gradient scaler's
+            ``found_inf``) and the warning comes once the flags have reached the host (in the same ``step()`` on
+            CPU, at a later one on CUDA); a skipped first step leaves the momentum at zero, which is what the first
+            real step starts from.
+            ``lr`` and ``weight_decay`` are checked again at each step (finite, >= 0): a scheduler may set them.
 
     All three kernels (per-tensor, foreach, fused) give bit-identical results, equal to ``lion_pytorch.Lion`` and
     bitsandbytes' 32-bit Lion (tested over 100 steps). `load_state_dict` keeps the momentum in the dtype it was
@@ -86,6 +92,18 @@ class Lion(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["fused"] and any(is_dtensor(p) for p in group["params"]):
                 raise ValueError("Lion: fused=True does not support DTensor (FSDP2) parameters; use fused=False")
+        self._step_calls = 0  # step() calls, to date the warnings of skipped steps that reach the host later
+        self._skip_reports = SkippedStepReports("Lion")
+
+    def __getstate__(self) -> dict:
+        # torch's base class keeps only defaults, state and param groups: a deep-copied Lion lost its mode
+        return {**super().__getstate__(), "nonfinite_grads": self.nonfinite_grads}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite_grads", "raise")
+        self._step_calls = 0
+        self._skip_reports = SkippedStepReports("Lion")
 
     def _momentum(self, param: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[param]
@@ -101,32 +119,71 @@ class Lion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         check_group_numbers("Lion", self.param_groups)
-        work = []  # (group, params, grads): everything is checked before any state is created or weight moved
-        for group in self.param_groups:
-            params = [param for param in group["params"] if param.grad is not None]
-            for param in params:
+        self._step_calls += 1
+        self._skip_reports.report(self._step_calls)  # CUDA: steps skipped earlier whose flags have reached the host
+        work, labels = [], []  # everything is checked before any state is created or weight moved
+        for group_index, group in enumerate(self.param_groups):
+            params = []
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
                 if param.grad.is_sparse:
                     raise RuntimeError("Lion does not support sparse gradients; use a dense embedding "
                                        "(nn.Embedding(sparse=False)) or a different optimizer for that parameter")
+                params.append(param)
+                labels.append((group_index, index, tuple(param.shape)))
             if params:
-                work.append((group, params, [param.grad for param in params]))
-        if not grads_are_finite("Lion", self, self.nonfinite_grads):
+                work.append((group, params, [param.grad for param in params], self._kernel(group, params)))
+        proceed, finite = self._check_grads(work, labels)
+        if not proceed:
             return loss
-        for group, params, grads in work:
+        for group, params, grads, kernel in work:
             if group["maximize"]:
                 grads = [-grad for grad in grads]
             momenta = [self._momentum(param, group) for param in params]
             beta1, beta2 = group["betas"]
             args = (group["lr"], beta1, beta2, group["weight_decay"])
-            sharded = any(is_dtensor(p) for p in params)
-            if group["fused"] or (group["fused"] is None and group["foreach"] is None and not sharded):
-                lion_update_fused(params, grads, momenta, *args, fallback=not group["fused"])
-            elif group["foreach"] or (group["foreach"] is None and not sharded):
+            if kernel == "fused":
+                lion_update_fused(params, grads, momenta, *args, fallback=not group["fused"], finite=finite)
+            elif kernel == "foreach":
                 lion_update_foreach(params, grads, momenta, *args)
             else:
                 for param, grad, momentum in zip(params, grads, momenta):
                     lion_update_single(param, grad, momentum, *args)
+        self._skip_reports.report(self._step_calls)  # CPU: this step's flags are on the host already
         return loss
+
+    @staticmethod
+    def _kernel(group: dict, params: list) -> str:
+        """"fused", "foreach" or "single" (per tensor) for this group's parameters (see the class docstring)."""
+        sharded = any(is_dtensor(p) for p in params)
+        if group["fused"] or (group["fused"] is None and group["foreach"] is None and not sharded):
+            return "fused"
+        if group["foreach"] or (group["foreach"] is None and not sharded):
+            return "foreach"
+        return "single"
+
+    def _check_grads(self, work: list, labels: list) -> tuple[bool, torch.Tensor | None]:
+        """Check every gradient before anything changes. Returns (proceed, finite): proceed False means skip this step
+        (warned); ``finite`` is None when the gradients were checked on the host, or a 0-d bool tensor on the device
+        with which the fused kernel masks its update.
+
+        The check reads each gradient once (`finite_flags`) and leaves one flag per gradient on the device. "raise"
+        reads their conjunction: the step's one host sync (`grads_are_finite`). With the fused kernel in every
+        group, "skip" reads nothing: the update is masked with the flag, and the flags reach the host by a queued
+        copy (`SkippedStepReports`: the warning comes in this step() on the CPU, at a later one on CUDA). Elsewhere
+        (the foreach and per-tensor kernels, FSDP2 shards, other devices) "skip" reads the flag as "raise" does:
+        masking them would need a copy of every parameter and momentum."""
+        grads = [grad for _, _, group_grads, _ in work for grad in group_grads]
+        if not grads:
+            return True, None
+        if (self.nonfinite_grads == "skip" and fused_kernel_available()
+                and all(kernel == "fused" for *_, kernel in work)
+                and all(grad.device.type in ("cpu", "cuda") for grad in grads)):
+            flags = finite_flags(grads)
+            self._skip_reports.post(flags, labels, self._step_calls)
+            return True, flags.all()
+        return grads_are_finite("Lion", self, self.nonfinite_grads), None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict, keeping each momentum in the dtype it was saved in (fp32 state stays fp32).
