@@ -15,6 +15,7 @@ import hf_ext
 from hf_ext.hwfa import hwfa_config
 from hf_ext.losses import TailCappedLoss
 from hf_ext.peft import GradientViewLoraConfig, get_lora_ga_model
+from hf_ext.peft.gradient_sketch import default_loss
 
 NAN, INF = math.nan, math.inf
 
@@ -124,10 +125,15 @@ def test_tail_capped_loss_options_are_checked(kwargs, message):
 # LoRA-GA and adapters
 
 
-def test_lora_ga_refuses_gradient_batches_without_a_single_target_token():
+@pytest.mark.parametrize("loss", ["chunked", "model"])
+def test_lora_ga_refuses_gradient_batches_without_a_single_target_token(loss):
+    """The model's own loss is 0/0 = NaN and is refused at the first batch; the chunked loss (the default for
+    Llama-style models) gives 0 and a zero gradient, refused after the first pass. Both name the cause."""
     batches = [{**batch, "labels": torch.full_like(batch["labels"], -100)} for batch in token_batches()]
-    with pytest.raises(ValueError, match="every label of the batch is the ignore index"):
-        get_lora_ga_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), batches, show_progress=False)
+    loss_fn = None if loss == "chunked" else default_loss
+    with pytest.raises(ValueError, match="every label of the (batch|gradient batches) is the ignore index"):
+        get_lora_ga_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), batches, loss_fn=loss_fn,
+                          show_progress=False)
 
 
 def test_lora_ga_refuses_a_zero_gradient():

@@ -2,15 +2,22 @@
 torch.svd_lowrank, output invariance, the first SGD step, portable saving on the untouched base, PEFT's built-in."""
 
 import copy
+import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_ext.ops.lora_ga import lora_ga_factors
 from hf_ext.peft import PartlyFrozenLinear, get_lora_ga_model
-from hf_ext.peft.gradient_sketch import gradient_singular_vectors, default_loss
+from hf_ext.peft.gradient_sketch import (
+    chunked_causal_lm_loss,
+    default_loss,
+    gradient_singular_vectors,
+    model_loss_for,
+)
 
 VOCAB = 61
 
@@ -28,6 +35,13 @@ def token_batches(count=4, batch=2, length=12, seed=1) -> list[dict]:
     return [{"input_ids": ids[i:i + batch], "labels": ids[i:i + batch]} for i in range(0, count * batch, batch)]
 
 
+def causal_lm_loss(model, batch) -> torch.Tensor:
+    """transformers' causal-LM loss (labels shifted, -100 ignored, mean over targets) in the model's dtype:
+    `model(**batch).loss` casts the logits to float32 even in a float64 model."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
 def mean_gradients(model, batches, names) -> dict[str, torch.Tensor]:
     """Explicit mean over batches of d loss / d weight for the named Linear modules (autograd, model dtype)."""
     modules = dict(model.named_modules())
@@ -38,7 +52,7 @@ def mean_gradients(model, batches, names) -> dict[str, torch.Tensor]:
         w.requires_grad_(True)
         w.grad = None
     for batch in batches:
-        model(**batch).loss.backward()
+        causal_lm_loss(model, batch).backward()
     grads = {name: w.grad / len(batches) for name, w in weights.items()}
     for w in weights.values():
         w.grad = None
@@ -92,6 +106,52 @@ def test_streamed_singular_vectors_equal_svd_lowrank_of_the_explicit_gradient():
         torch.testing.assert_close(ours_s, s, rtol=1e-4, atol=1e-7)
         assert_same_up_to_sign(ours_u[:, :4], u[:, :4], dim=1, atol=1e-4)
         assert_same_up_to_sign(ours_v[:, :4], v[:, :4], dim=1, atol=1e-4)
+
+
+def test_recomputed_decoder_layers_give_the_same_vectors_and_the_model_back_as_it_was():
+    """Each decoder layer is re-run during backward (its first run keeps nothing), the cache is off meanwhile, and
+    the singular vectors equal those of the run that keeps every activation."""
+    model, batches = tiny_llama(torch.float64, hidden=64), token_batches()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    modules = dict(model.named_modules())
+    calls = []
+    # A module inside the layer: the layer's own hooks run once, around the checkpointed call.
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    layer_0 = model.model.layers[0]
+    layer_0.forward = instance_forward = functools.partial(type(layer_0).forward, layer_0)  # as accelerate's hooks do
+    results = {}
+    for recompute in (False, True):
+        calls.clear()
+        results[recompute] = gradient_singular_vectors(model, {n: modules[n] for n in names}, batches, default_loss,
+                                                       q={n: 8 for n in names}, power_iterations=1, seed=3,
+                                                       show_progress=False, recompute_blocks=recompute)
+        passes = 4 * len(batches)
+        assert calls == ([False, True] * passes if recompute else [True] * passes)
+    for name in names:
+        for ours, kept in zip(results[True][name], results[False][name]):
+            torch.testing.assert_close(ours, kept, rtol=0, atol=1e-10)
+    assert "forward" not in vars(model.model.layers[1]) and model.config.use_cache is True
+    assert layer_0.forward is instance_forward
+
+
+def test_the_chunked_loss_is_the_models_own_loss_with_the_same_gradients():
+    """LoRA-GA's default loss for Llama-style models never builds the logits; it is transformers' causal-LM loss
+    (labels shifted, -100 ignored), value and gradients, and models whose logits are more than lm_head(hidden)
+    keep their own loss."""
+    model, batches = tiny_llama(torch.float64), token_batches()
+    batch = dict(batches[0], labels=batches[0]["labels"].clone())
+    batch["labels"][0, :5] = -100
+    assert model_loss_for(model) is chunked_causal_lm_loss
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    torch.testing.assert_close(default_loss(model, batch), causal_lm_loss(model, batch).float())  # the reference
+    expected = causal_lm_loss(model, batch)
+    expected_grads = torch.autograd.grad(expected, parameters)
+    loss = chunked_causal_lm_loss(model, batch)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    for ours, theirs in zip(torch.autograd.grad(loss, parameters), expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    model.config.logit_scale = 0.5
+    assert model_loss_for(model) is default_loss
 
 
 def test_output_unchanged_at_init_and_base_weights_untouched():

@@ -33,17 +33,26 @@ def enable_fused_loss(model: torch.nn.Module, loss: TailCappedLoss) -> torch.nn.
     if isinstance(model, HfExtForCausalLM):
         model.loss_function = loss
         return model
-    decoder, lm_head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if not isinstance(decoder, torch.nn.Module) or not isinstance(lm_head, torch.nn.Linear):
-        raise ValueError(f"enable_fused_loss: {type(model).__name__} has no `model` decoder and linear `lm_head`; "
-                         "supported are HfExtForCausalLM and Llama-style *ForCausalLM models")
-    for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
-        if getattr(model.config, name, None) not in (None, 1, 1.0):
-            raise ValueError(f"enable_fused_loss: {type(model).__name__} sets config.{name}="
-                             f"{getattr(model.config, name)!r}, which the fused loss does not apply")
+    problem = why_logits_are_not_lm_head_of_decoder(model)
+    if problem is not None:
+        raise ValueError(f"enable_fused_loss: {problem}")
     model.forward = _FusedLossForward(model)
     model.loss_function = loss
     return model
+
+
+def why_logits_are_not_lm_head_of_decoder(model: torch.nn.Module) -> str | None:
+    """None if ``model``'s logits are ``model.lm_head(model.model(...).last_hidden_state)`` and nothing more (what a
+    fused loss computes from the hidden states), else the reason they may not be."""
+    decoder, lm_head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if not isinstance(decoder, torch.nn.Module) or not isinstance(lm_head, torch.nn.Linear):
+        return (f"{type(model).__name__} has no `model` decoder and linear `lm_head`; supported are HfExtForCausalLM "
+                "and Llama-style *ForCausalLM models")
+    for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            return (f"{type(model).__name__} sets config.{name}={getattr(model.config, name)!r}, which the fused loss "
+                    "does not apply")
+    return None
 
 
 class _FusedLossForward:

@@ -11,11 +11,14 @@ Quantized (bitsandbytes) layers work the same way: their weights never need a gr
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from contextlib import contextmanager
 from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 
@@ -107,6 +110,8 @@ def _capture_products(layers: Mapping[str, nn.Module], finders: Mapping[str, _La
 
     def make_hook(finder: _LayerRangeFinder):
         def hook(module, args, output):
+            if not torch.is_grad_enabled():  # the no-grad first run of a recomputed block: its recompute counts
+                return None
             inputs = args[0].detach()
             if not output.requires_grad:
                 # The first targets see inputs that need no gradient (everything is frozen): start the graph here,
@@ -131,6 +136,64 @@ def _capture_products(layers: Mapping[str, nn.Module], finders: Mapping[str, _La
             handle.remove()
 
 
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (decoder layers): modules of the classes transformers lists in
+    `_no_split_modules`; none for models that list none."""
+    classes = set()
+    for module in model.modules():
+        classes.update(getattr(module, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in classes]
+
+
+@contextmanager
+def _recomputed_blocks(model: nn.Module):
+    """Run every repeated block under reentrant activation checkpointing, with the KV cache off.
+
+    A block's first run keeps nothing (no grad); backward re-runs it just before going through it, and only then do
+    the capture hooks see its layers' inputs. So the activations, and the inputs the products need, are held for one
+    block at a time instead of for the whole model: the price is one more forward per pass. The reentrant variant is
+    the one whose re-run builds a graph that backward then walks, so the output-gradient hooks registered during the
+    re-run fire. The cache must be off: a re-run would append the block's keys to it a second time.
+    """
+    blocks = _repeated_blocks(model)
+    configs = [config for config in {id(m.config): m.config for m in model.modules()
+                                      if hasattr(getattr(m, "config", None), "use_cache")}.values()]
+    saved_use_cache = [config.use_cache for config in configs]
+    for config in configs:
+        config.use_cache = False
+    # accelerate's device-map hooks may already have set an instance `forward`: it is wrapped and put back after.
+    instance_forwards = [vars(block).get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = _checkpointed(block.forward)
+    try:
+        yield
+    finally:
+        for block, instance_forward in zip(blocks, instance_forwards):
+            if instance_forward is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = instance_forward
+        for config, use_cache in zip(configs, saved_use_cache):
+            config.use_cache = use_cache
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        if args:
+            hidden_states, args = args[0], args[1:]
+        else:
+            hidden_states = kwargs.pop("hidden_states")
+        # Reentrant checkpointing passes gradients only through inputs that need them: in a frozen model the block's
+        # input does not, so it becomes a fresh leaf that does (its own gradient is discarded with it).
+        if not hidden_states.requires_grad:
+            hidden_states = hidden_states.detach().requires_grad_()
+        return checkpoint(functools.partial(forward, **kwargs), hidden_states, *args, use_reentrant=True)
+
+    return run
+
+
 def gradient_singular_vectors(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -141,6 +204,7 @@ def gradient_singular_vectors(
     power_iterations: int = 4,
     seed: int = 0,
     show_progress: bool = True,
+    recompute_blocks: bool = True,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer, (U, S, V) of the mean over ``batches`` of d loss_fn(model, batch) / d layer.weight.
 
@@ -148,6 +212,9 @@ def gradient_singular_vectors(
     number of singular triplets per layer. Runs 2 + 2·power_iterations passes over ``batches``, which must all see
     the same function: call it with dropout off (eval mode). Under torch.distributed the products are averaged
     across ranks after each pass, so every rank gets the factors of the globally averaged gradient.
+    ``recompute_blocks`` re-runs each repeated block (decoder layer) during backward instead of keeping its
+    activations (`_recomputed_blocks`): the same numbers, about one block's activations instead of all of them, one
+    more forward per pass.
     """
     finders = {}
     for name, layer in layers.items():
@@ -159,7 +226,8 @@ def gradient_singular_vectors(
     progress = tqdm(total=num_passes * len(batches), desc="LoRA-GA gradient passes",
                     disable=not (show_progress and is_main))
     try:
-        with torch.enable_grad(), _capture_products(layers, finders):
+        recompute = _recomputed_blocks(model) if recompute_blocks else contextlib.nullcontext()
+        with torch.enable_grad(), _capture_products(layers, finders), recompute:
             for pass_index in range(num_passes):
                 for index, batch in enumerate(batches):
                     loss = loss_fn(model, batch)
@@ -195,6 +263,38 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
         raise ValueError("the model returned no loss for a gradient batch: include labels in the batches or pass "
                          "loss_fn=callable(model, batch)")
     return outputs.loss
+
+
+LOSS_CHUNK_TOKENS = 128  # one [128, vocab] float32 block at a time: 24 MiB for a 49k vocabulary
+
+
+def chunked_causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
+    """`default_loss` of a Llama-style causal LM without its logits: the decoder's last hidden states go through
+    ``lm_head`` and the cross-entropy (labels shifted, -100 ignored, mean over targets: transformers' causal-LM
+    loss) in chunks of `LOSS_CHUNK_TOKENS` tokens. The [tokens, vocab] logits, their log-softmax and their gradient
+    are the largest tensors of a small model's backward; here one chunk's block exists at a time."""
+    from ..losses import TailCappedLoss  # γ = 0: plain cross-entropy
+
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        return default_loss(model, batch)  # its error names what is missing
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    labels = inputs.pop("labels")
+    hidden_states = causal_lm.model(**inputs).last_hidden_state
+    loss = TailCappedLoss(gamma=0.0, fused=True, chunk_size=LOSS_CHUNK_TOKENS)
+    return loss.loss_from_hidden_states(hidden_states, causal_lm.lm_head, labels)
+
+
+def model_loss_for(model: nn.Module) -> Callable[[nn.Module, object], torch.Tensor]:
+    """`chunked_causal_lm_loss` where it equals the model's own loss (logits = lm_head(decoder output), nothing
+    after), else `default_loss`."""
+    from ..losses.fused_lm_head import why_logits_are_not_lm_head_of_decoder
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(causal_lm).__name__.endswith("ForCausalLM") and why_logits_are_not_lm_head_of_decoder(causal_lm) is None:
+        return chunked_causal_lm_loss
+    return default_loss
 
 
 def take_batches(dataloader: Iterable, num_batches: int) -> list:

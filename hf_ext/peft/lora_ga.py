@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops.lora_ga import check_lora_ga_options, lora_ga_factors
-from .gradient_sketch import default_loss, gradient_singular_vectors, take_batches
+from .gradient_sketch import gradient_singular_vectors, model_loss_for, take_batches
 
 
 class PartlyFrozenLinear(nn.Module):
@@ -165,12 +165,13 @@ def get_lora_ga_model(
     direction: str = "ArB2r",
     scale: str = "stable",
     stable_gamma: float = 16.0,
-    power_iterations: int = 4,
+    power_iterations: int = 1,
     seed: int = 0,
     adapter_name: str = "default",
     autocast_adapter_dtype: bool = True,
     revision: str | None = None,
     show_progress: bool = True,
+    recompute_blocks: bool = True,
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model initialised by LoRA-GA (arXiv 2407.05000), base weights untouched.
 
@@ -179,7 +180,13 @@ def get_lora_ga_model(
     `torch.svd_lowrank`'s algorithm (q = min(4r, out, in), ``power_iterations`` like its ``niter``; 2 + 2·niter passes
     over the batches), computed from each layer's inputs and output gradients so that no weight gradient is ever
     formed — quantized (bitsandbytes 4/8-bit) bases work, and the extra memory is a few [dim, 4r] matrices per layer.
-    Under torch.distributed every rank passes its own batches; the products are averaged across ranks.
+    The default, one power iteration (4 passes), recovers the top-r right singular subspace of SmolLM2-135M's
+    gradients to an overlap of at least 0.98 (tests/test_lora_ga_accuracy.py); PEFT's built-in uses 4 on its
+    resident gradient. Each decoder layer is re-run during backward instead of keeping its activations
+    (``recompute_blocks``), and a Llama-style causal LM's loss is computed from the last hidden states in chunks,
+    never as full logits (`gradient_sketch.chunked_causal_lm_loss`, the same cross-entropy): the peak memory is
+    about one decoder layer's activations. Under torch.distributed every rank passes its own batches; the products
+    are averaged across ranks.
 
     The factors follow the paper's reference code: A from the top-r right singular vectors, B from the left ones
     r+1..2r (``direction="ArB2r"``), both scaled by out_features^¼/√``stable_gamma`` (``scale="stable"``). The
@@ -220,9 +227,9 @@ def get_lora_ga_model(
         q = {name: min(4 * _trainable_rank(layer, adapter_name), layer.in_features, layer.out_features)
              for name, layer in lora_layers.items()}
         with peft_model.disable_adapter(), _estimation_mode(peft_model):
-            vectors = gradient_singular_vectors(peft_model, base_layers, batches, loss_fn or default_loss, q=q,
-                                                power_iterations=power_iterations, seed=seed,
-                                                show_progress=show_progress)
+            vectors = gradient_singular_vectors(peft_model, base_layers, batches, loss_fn or model_loss_for(model),
+                                                q=q, power_iterations=power_iterations, seed=seed,
+                                                show_progress=show_progress, recompute_blocks=recompute_blocks)
     except BaseException:
         peft_model.unload()  # give the caller's model back as it was: no LoRA layers left behind
         raise
