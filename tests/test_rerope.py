@@ -195,6 +195,31 @@ def test_flex_route_gradients_equal_the_blockwise_kernels(leaky_factor, sliding_
     assert all(g.abs().sum() > 0 for g in gradients[0])
 
 
+def test_a_flex_attention_failure_falls_back_once_and_says_so(monkeypatch):
+    """Flex attention is compiled on first use; where that fails (an old Triton, an unsupported GPU) the call and
+    every later one take the other kernels (on CUDA the blockwise one), with one RuntimeWarning naming the error."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 80, 8), torch.randn(2, 2, 80, 8), torch.randn(2, 2, 80, 8)
+    positions = torch.arange(80).repeat(2, 1)
+    expected = rerope_attention(q, q, k, k, v, positions, 8, 0.5)  # the CPU kernel
+    monkeypatch.setattr(rerope_hfext, "flex_failure", None)
+    monkeypatch.setattr(rerope_hfext, "_flex_module", lambda: object())  # "flex attention is available"
+    choose = rerope_hfext.rerope_kernel_for
+    monkeypatch.setattr(rerope_hfext, "rerope_kernel_for", lambda device, q_len: choose(torch.device("cuda"), q_len))
+
+    def broken_flex(*args, **kwargs):
+        raise RuntimeError("triton: no kernel for this GPU")
+
+    monkeypatch.setattr(rerope_hfext, "rerope_attention_flex", broken_flex)
+    assert choose(torch.device("cuda"), 4096) == "flex"
+    with pytest.warns(RuntimeWarning, match="flex attention failed .RuntimeError: triton: no kernel for this GPU."):
+        assert torch.equal(rerope_attention(q, q, k, k, v, positions, 8, 0.5), expected)
+    assert choose(torch.device("cuda"), 4096) == "blockwise"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only: flex is not tried again
+        assert torch.equal(rerope_attention(q, q, k, k, v, positions, 8, 0.5), expected)
+
+
 def test_each_device_gets_the_kernel_whose_memory_is_linear(monkeypatch):
     cuda = torch.device("cuda")
     assert rerope_hfext.rerope_kernel_for(torch.device("cpu"), 4096) == "cpu"

@@ -123,6 +123,11 @@ def rerope(section: Section) -> None:
             if implementation == "hfx_rerope":
                 section.guarded(f"{implementation} backward {dtype_name}",
                                 lambda: _rerope_backward(model, reference, ids, dtype_name))
+    # Flex attention that failed (a compile error) falls back to the blockwise kernel with a warning: the parity
+    # rows then check that kernel instead, and this note says so.
+    from hf_ext.models.hfext import rerope_hfext
+
+    section.notes["flex_failure"] = getattr(rerope_hfext, "flex_failure", None)
 
 
 def _rerope_backward(model, reference, ids: torch.Tensor, dtype_name: str) -> dict:

@@ -26,6 +26,7 @@ No transformers imports: this file travels with HfExt checkpoints (``trust_remot
 """
 
 import functools
+import warnings
 
 import torch
 
@@ -357,8 +358,13 @@ def rerope_attention(
             "between); this attention mask has padding between real tokens."
         )
     if rerope_kernel_for(query_near.device, query_near.shape[2]) == "flex":
-        return rerope_attention_flex(query_near, query_far, key_near_tail, key_far, value, key_positions, window,
-                                     scaling, sliding_window=sliding_window)
+        try:
+            return rerope_attention_flex(query_near, query_far, key_near_tail, key_far, value, key_positions, window,
+                                         scaling, sliding_window=sliding_window)
+        except ValueError:
+            raise  # the inputs' fault (padding between tokens): the other kernels refuse them too
+        except Exception as error:  # noqa: BLE001 - a compile or kernel failure: fall back, loudly, once
+            _give_up_flex(error)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query_near, key_far, value))
     if sliding_window is not None or needs_grad or query_near.device.type != "cpu":
         # The fused CPU passes propagate no gradients through the merge; off the CPU, without flex attention, the
@@ -381,14 +387,28 @@ def rerope_attention(
 FLEX_MIN_QUERIES = 64  # shorter calls (decode steps) build few scores: the blockwise kernel is cheaper than masks
 
 
+flex_failure: str | None = None  # why flex attention failed in this process, once it has (then: blockwise)
+
+
 def rerope_kernel_for(device: torch.device, q_len: int) -> str:
     """The kernel `rerope_attention` runs: "cpu" (torch's fused CPU passes), "flex" (`rerope_attention_flex`, on
-    CUDA and other compiled devices) or "blockwise" (short calls, or torch without flex attention)."""
+    CUDA and other compiled devices) or "blockwise" (short calls, torch without flex attention, or after flex
+    attention failed here: see `flex_failure`)."""
     if device.type == "cpu":
         return "cpu"
-    if q_len >= FLEX_MIN_QUERIES and _flex_module() is not None:
+    if q_len >= FLEX_MIN_QUERIES and _flex_module() is not None and flex_failure is None:
         return "flex"
     return "blockwise"
+
+
+def _give_up_flex(error: Exception) -> None:
+    """Record why flex attention failed (a compile error, an unsupported GPU) and warn once; from then on this
+    process takes the blockwise kernel: the same numbers, more time."""
+    global flex_failure
+    flex_failure = f"{type(error).__name__}: {error}"
+    warnings.warn(f"ReRoPE attention: flex attention failed ({flex_failure}); using the blockwise kernel from now on "
+                  "(same results, slower). Please report this with your torch version and GPU.", RuntimeWarning,
+                  stacklevel=3)
 
 
 @functools.cache
