@@ -306,6 +306,17 @@ def _rerope_prefix_padded(query_near, query_far, key_near_tail, key_far, value, 
     return acc.out.to(value.dtype)
 
 
+def _edge_padding(key_positions: torch.Tensor) -> torch.Tensor:
+    """`_leading_padding`, or a ValueError where padding sits between real tokens (no kernel supports that)."""
+    pad = _leading_padding(key_positions)
+    if pad is None:
+        raise ValueError(
+            "ReRoPE attention supports padding at the start or the end of a row only (positions 0, 1, 2, … in "
+            "between); this attention mask has padding between real tokens."
+        )
+    return pad
+
+
 @_once_per_forward
 def _leading_padding(key_positions: torch.Tensor) -> torch.Tensor | None:
     """Per row, the number of leading padded keys, if every row is [padding] + p, p+1, p+2, … + [padding]; else None."""
@@ -351,12 +362,7 @@ def rerope_attention(
     devices (CUDA) a prefill runs `rerope_attention_flex`, two compiled flex-attention passes that also train, and a
     decode step (or any call where flex attention is missing) the blockwise kernel (see `rerope_kernel_for`).
     """
-    pad = _leading_padding(key_positions)
-    if pad is None:
-        raise ValueError(
-            "ReRoPE attention supports padding at the start or the end of a row only (positions 0, 1, 2, … in "
-            "between); this attention mask has padding between real tokens."
-        )
+    pad = _edge_padding(key_positions)
     if rerope_kernel_for(query_near.device, query_near.shape[2]) == "flex":
         try:
             return rerope_attention_flex(query_near, query_far, key_near_tail, key_far, value, key_positions, window,
@@ -515,11 +521,7 @@ def rerope_attention_flex(
     """
     if _flex_module() is None:
         raise RuntimeError("rerope_attention_flex needs torch.nn.attention.flex_attention (torch >= 2.5)")
-    if _leading_padding(key_positions) is None:
-        raise ValueError(
-            "ReRoPE attention supports padding at the start or the end of a row only (positions 0, 1, 2, … in "
-            "between); this attention mask has padding between real tokens."
-        )
+    _edge_padding(key_positions)
     compiled = query_near.device.type != "cpu" if compiled is None else compiled
     q_len, k_len, tail = query_near.shape[2], key_far.shape[2], key_near_tail.shape[2]
     far_mask, near_mask = _rerope_block_masks(key_positions, q_len, tail, window, sliding_window, compiled)
