@@ -207,10 +207,9 @@ def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: fl
     serves every contiguous tensor of at least `FUSED_MIN_NUMEL` elements; the rest take the foreach kernel. Results
     are identical to the other kernels (tested). ``finite``: an optional 0-d bool tensor (e.g. the ``.all()`` of
     `hf_ext.optim._step_checks.finite_flags`); where it is False, no parameter or momentum changes, and no value is
-    read on the host. If the compiler
-    cannot build the kernel, ``fallback=False`` raises; ``fallback=True`` (Lion's default kernel choice) warns once
-    and updates the remaining tensors, then and on later calls, with the foreach kernel — the same numbers, only
-    slower.
+    read on the host. If the compiler cannot build the kernel, ``fallback=False`` raises; ``fallback=True`` (Lion's
+    default kernel choice) warns once and updates the remaining tensors, then and on later calls, with the foreach
+    kernel — the same numbers, only slower.
     """
     if fallback and _compile_failure is not None:
         lion_update_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay, finite=finite)
