@@ -84,6 +84,34 @@ def test_a_forward_reads_nothing_back_for_its_positions():
     assert reads == [CHECK_FLAG_READ] * 2
 
 
+def test_image_patches_are_inserted_with_one_read_for_their_checks():
+    """The patch embeddings are gathered by index (boolean indexing would read how many there are); the two input
+    checks (patch counts against the grids and against pixel_values) share one flag."""
+    model, batch = _image_model_and_batch("rope_tie_v2")
+    ids, pixels = batch["input_ids"], batch["pixel_values"]
+    embeds = model.model.embed_tokens(ids)
+    is_patch = ids == model.config.image_token_id
+    used = torch.arange(pixels.shape[1]) < is_patch.sum(dim=1)[:, None]  # each row's patches, then padding
+    expected = embeds.masked_scatter(is_patch[..., None].expand_as(embeds), model.model.patch_embed(pixels[used]))
+    with HostSyncDetector(raise_on_sync=False) as detector:
+        inserted = model.model._insert_image_patches(batch["input_ids"], embeds, batch["pixel_values"],
+                                                     batch["image_grid_hw"])
+    assert [what for what, where in detector.events] == [CHECK_FLAG_READ]
+    torch.testing.assert_close(inserted, expected, rtol=0, atol=1e-6)
+
+
+def test_patch_counts_that_disagree_with_the_grids_or_the_pixels_are_refused():
+    model, batch = _image_model_and_batch("rope_tie_v2")
+    ids, pixels, grids = batch["input_ids"], batch["pixel_values"], batch["image_grid_hw"]
+    embeds = model.model.embed_tokens(ids)
+    wrong_grids = grids.clone()
+    wrong_grids[0, 0] = torch.tensor([2, 2])  # the row's image has 4 × 6 patch tokens
+    with pytest.raises(ValueError, match="image_grid_hw covers .* patches per row but input_ids hold"):
+        model.model._insert_image_patches(ids, embeds, pixels, wrong_grids)
+    with pytest.raises(ValueError, match="image patch tokens per row but pixel_values has 5 patches per row"):
+        model.model._insert_image_patches(ids, embeds, pixels[:, :5], grids)
+
+
 # ---- (b) scheduler loops ------------------------------------------------------------------------------------------
 UDM_SCHEDULERS = {
     "ddpm": lambda: UDMScheduler.from_config(DDPMScheduler().config),

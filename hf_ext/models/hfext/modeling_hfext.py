@@ -712,19 +712,26 @@ class HfExtModel(HfExtPreTrainedModel):
         if pixel_values.dim() != 3 or pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"pixel_values must be [batch={input_ids.shape[0]}, max_patches, channels·patch²], got "
                              f"shape {tuple(pixel_values.shape)}.")
+        # Both checks in one flag, read once (a device sync); the messages are built only when it is set.
+        too_many = patches_per_row.max() > pixel_values.shape[1]
+        grid_patches = None
         if image_grid_hw is not None:
             grid_patches = (image_grid_hw[..., 0] * image_grid_hw[..., 1]).sum(dim=-1).to(patches_per_row.device)
-            if not torch.equal(grid_patches, patches_per_row):
+        if bool(too_many | (grid_patches is not None and (grid_patches != patches_per_row).any())):
+            if grid_patches is not None and not torch.equal(grid_patches, patches_per_row):
                 raise ValueError(f"image_grid_hw covers {grid_patches.tolist()} patches per row but input_ids hold "
                                  f"{patches_per_row.tolist()} image patch tokens; each grid's height × width must "
                                  "equal its image's number of patch tokens.")
-        if int(patches_per_row.max()) > pixel_values.shape[1]:
             raise ValueError(f"input_ids hold up to {int(patches_per_row.max())} image patch tokens per row but "
                              f"pixel_values has {pixel_values.shape[1]} patches per row.")
-        used = torch.arange(pixel_values.shape[1], device=pixel_values.device) < patches_per_row[:, None].to(
-            pixel_values.device)
-        patch_embeds = self.patch_embed(pixel_values[used].to(inputs_embeds.dtype))
-        return inputs_embeds.masked_scatter(is_patch[..., None].expand_as(inputs_embeds), patch_embeds)
+        if pixel_values.shape[1] == 0:  # no patches given, and (checked above) no patch tokens to fill
+            return inputs_embeds
+        # Patch token k of a row takes that row's patch k: gathered by index, with no data-dependent shape (boolean
+        # indexing would make the host wait for the device to learn how many patches there are).
+        patch_embeds = self.patch_embed(pixel_values.to(inputs_embeds.dtype))  # [B, max_patches, hidden]
+        index = (is_patch.long().cumsum(dim=1) - 1).clamp(min=0).to(patch_embeds.device)
+        gathered = patch_embeds.gather(1, index[..., None].expand(-1, -1, patch_embeds.shape[-1]))
+        return torch.where(is_patch[..., None], gathered.to(inputs_embeds.dtype), inputs_embeds)
 
     def _rerope_inputs(self, inputs_embeds, attention_mask, past_key_values) -> dict | None:
         """Per layer type, what ReRoPE layers need: key positions (from the 2D mask, −1 = padding) and the rotary
