@@ -89,7 +89,8 @@ def _once_per_forward(function):
     """Memoise `function(key_positions, *rest)` on the identity (and version) of its tensor arguments.
 
     Every layer of one forward receives the same key-position tensor, so a check that reads it back to the host
-    (a GPU sync) runs once per forward instead of once per layer. One entry is kept: the last forward's.
+    (a GPU sync), or flex attention's block masks, are computed once per forward instead of once per layer. One
+    entry is kept: the last forward's.
     """
     last = {}
 
@@ -243,6 +244,24 @@ def _cpu_flash_reads_grouped_heads() -> bool:
     return bool((out == 0).all())
 
 
+def _merge_by_lse(parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial attention results (out [..., Dv], lse [...]) over disjoint key sets into the softmax over their
+    union: out = Σ_p e^{lse_p} out_p / Σ_p e^{lse_p}, lse = log Σ_p e^{lse_p}, in float32 at least (float64 stays).
+    Differentiable; rows that no key reaches (every lse −inf) give out 0 and lse −inf."""
+    precision = torch.promote_types(parts[0][0].dtype, torch.float32)
+    shift = torch.stack([lse for _, lse in parts]).amax(0).to(precision)
+    # The result does not depend on the shift: detaching it is exact and keeps −inf out of the gradients.
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift)).detach()
+    total = weight_sum = 0
+    for out, lse in parts:
+        weight = torch.exp(lse.to(precision) - shift)
+        total = total + out.to(precision) * weight[..., None]
+        weight_sum = weight_sum + weight
+    reached = weight_sum > 0
+    divisor = torch.where(reached, weight_sum, torch.ones_like(weight_sum))  # no 0/0, nor log(0) in the gradients
+    return total / divisor[..., None], torch.where(reached, shift + divisor.log(), torch.full_like(shift, -torch.inf))
+
+
 class _SoftmaxAccumulator:
     """Merges partial attention results over disjoint key sets: o = Σ e^{l_p} o_p / Σ e^{l_p}."""
 
@@ -252,12 +271,8 @@ class _SoftmaxAccumulator:
         self.lse = torch.full((batch, heads, q_len), float("-inf"), dtype=precision, device=device)
 
     def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
-        old = self.lse[:, :, rows]
-        new = torch.logaddexp(old, lse.to(old.dtype))
-        keep = torch.exp(old - new).nan_to_num(0.0)[..., None]
-        take = torch.exp(lse - new).nan_to_num(0.0)[..., None]
-        self.out[:, :, rows] = self.out[:, :, rows] * keep + out.to(self.out.dtype) * take
-        self.lse[:, :, rows] = new
+        self.out[:, :, rows], self.lse[:, :, rows] = _merge_by_lse(
+            [(self.out[:, :, rows], self.lse[:, :, rows]), (out, lse)])
 
 
 def _rerope_prefix_padded(query_near, query_far, key_near_tail, key_far, value, pad, window, scaling, block_size):
@@ -443,32 +458,12 @@ def _flex_with_lse(attend, query, key, value, block_mask, scale):
     return attend(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=grouped, return_lse=True)
 
 
-def _merge_by_lse(parts, out_dtype):
-    """Σ_p e^{lse_p} out_p / Σ_p e^{lse_p} over partial results on disjoint key sets; differentiable. Rows that no
-    key reaches (every lse −inf) give 0."""
-    precision = torch.promote_types(parts[0][0].dtype, torch.float32)  # float32 at least, float64 stays
-    shift = torch.stack([lse for _, lse in parts]).amax(0).to(precision)
-    # The result does not depend on the shift: detaching it is exact and keeps −inf out of the gradients.
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift)).detach()
-    total = weight_sum = 0
-    for out, lse in parts:
-        weight = torch.exp(lse.to(precision) - shift)[..., None]
-        total = total + out.to(precision) * weight
-        weight_sum = weight_sum + weight
-    return (total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))).to(out_dtype)
 
 
-_block_mask_cache: dict = {}  # the masks of the last call: every layer of one forward shares them
-
-
+@_once_per_forward  # every layer of one forward gets the same key positions, hence the same masks
 def _rerope_block_masks(key_positions, q_len, tail, window, sliding_window, compiled):
     """(far, near) flex block masks; far may be None when no key is `window` or more tokens before a query."""
     batch, k_len = key_positions.shape
-    signature = (key_positions.shape, key_positions.device, _version_of(key_positions), q_len, tail, window,
-                 sliding_window, compiled)
-    cached = _block_mask_cache.get("last")
-    if cached is not None and cached[0] is key_positions and cached[1] == signature:
-        return cached[2]
     first, tail_start = k_len - q_len, k_len - tail
     key_is_real = key_positions >= 0
 
@@ -493,7 +488,6 @@ def _rerope_block_masks(key_positions, q_len, tail, window, sliding_window, comp
     if k_len - 1 >= window:
         far = create(far_mask, batch, None, q_len, k_len, device=device, _compile=compiled)
     near = create(near_mask, batch, None, q_len, tail, device=device, _compile=compiled)
-    _block_mask_cache["last"] = (key_positions, signature, (far, near))
     return far, near
 
 
@@ -529,4 +523,4 @@ def rerope_attention_flex(
     parts = [_flex_with_lse(attend, query_near, key_near_tail, value[:, :, k_len - tail:], near_mask, scaling)]
     if far_mask is not None:
         parts.append(_flex_with_lse(attend, query_far, key_far, value, far_mask, scaling))
-    return _merge_by_lse(parts, value.dtype).transpose(1, 2).contiguous()
+    return _merge_by_lse(parts)[0].to(value.dtype).transpose(1, 2).contiguous()
