@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._device import to_device
 from .._validation import check_choice, check_integer, check_number
 from ..ops import flow
 from .pairs import ReflowPairs
@@ -134,9 +135,9 @@ def train_rectified_flow(model, dataset, args: FlowTrainingArguments, accelerato
                          "Gaussian): convert it with .float()")
 
     def batch(generator, device):
-        data = _to_device(_take(dataset, _indices(len(dataset), args.batch_size, generator)), device)
-        noise = _to_device(torch.randn(data.shape, generator=generator), device, data.dtype)
-        return data, noise, _to_device(torch.rand(data.shape[0], generator=generator), device)
+        data = to_device(_take(dataset, _indices(len(dataset), args.batch_size, generator)), device)
+        noise = to_device(torch.randn(data.shape, generator=generator), device, data.dtype)
+        return data, noise, to_device(torch.rand(data.shape[0], generator=generator), device)
 
     return _train(model, args, batch, accelerator, "1-rectified flow")
 
@@ -151,7 +152,7 @@ def train_reflow(model, pairs: ReflowPairs, args: FlowTrainingArguments, acceler
     def batch(generator, device):
         index = _indices(len(pairs), args.batch_size, generator)
         noise, data = _rows(pairs.noise, index, device), _rows(pairs.samples, index, device)
-        return data, noise, _to_device(torch.rand(data.shape[0], generator=generator), device)
+        return data, noise, to_device(torch.rand(data.shape[0], generator=generator), device)
 
     return _train(model, args, batch, accelerator, "reflow")
 
@@ -167,7 +168,7 @@ def distill(model, pairs: ReflowPairs, args: FlowTrainingArguments, num_steps: i
     def batch(generator, device):
         index = _indices(len(pairs), args.batch_size, generator)
         noise, data = _rows(pairs.noise, index, device), _rows(pairs.samples, index, device)
-        sigma = _to_device(grid[torch.randint(num_steps, (len(index),), generator=generator)], device)
+        sigma = to_device(grid[torch.randint(num_steps, (len(index),), generator=generator)], device)
         return data, noise, sigma
 
     return _train(model, args, batch, accelerator, f"{num_steps}-step distillation")
@@ -262,22 +263,15 @@ def _indices(size: int, batch_size: int, generator: torch.Generator) -> torch.Te
     return torch.randint(size, (batch_size,), generator=generator)
 
 
-def _to_device(tensor: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A batch drawn on the host (by the seeded CPU generator) to the training device. The copy does not make the
-    host wait for the device (a blocking copy would synchronise with it at every step), except towards the CPU,
-    where it must block or the values could be read before they land."""
-    return tensor.to(device=device, dtype=dtype, non_blocking=torch.device(device).type != "cpu")
-
-
 def _rows(tensor: torch.Tensor, index: torch.Tensor, device) -> torch.Tensor:
     """tensor[index] on ``device``; the index goes to the tensor's device first without waiting, where indexing a
     device tensor with a host index would copy it with a wait."""
-    return _to_device(tensor[_to_device(index, tensor.device)], device)
+    return to_device(tensor[to_device(index, tensor.device)], device)
 
 
 def _take(dataset, index: torch.Tensor) -> torch.Tensor:
     if isinstance(dataset, torch.Tensor):
-        return dataset[_to_device(index, dataset.device)]
+        return dataset[to_device(index, dataset.device)]
     items = [dataset[i] for i in index.tolist()]
     if isinstance(items[0], dict):
         key = "sample" if "sample" in items[0] else "pixel_values"

@@ -49,9 +49,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._device import to_device
 from .._validation import check_integer, check_number
 from ..ops import udm
-from ._device import element_value, refuse_if, to_device
+from ._device import element_value, refuse_if
 from ._validation import check_choice, check_decreasing, timestep_not_in_schedule_error
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
