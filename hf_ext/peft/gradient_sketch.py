@@ -254,15 +254,24 @@ def _layer_shape(layer: nn.Module) -> tuple[int, int]:
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
     """The model's own loss: ``model(**batch).loss`` on the model's device."""
-    device = next(model.parameters()).device
     if not isinstance(batch, Mapping):
         raise TypeError(f"batches must be mappings of model inputs (with labels), got {type(batch).__name__}; "
                         "pass loss_fn=callable(model, batch) for other batch types")
-    outputs = model(**{key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()})
+    outputs = model(**_on_model_device(model, batch))
     if getattr(outputs, "loss", None) is None:
         raise ValueError("the model returned no loss for a gradient batch: include labels in the batches or pass "
                          "loss_fn=callable(model, batch)")
     return outputs.loss
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _on_model_device(model: nn.Module, batch: Mapping) -> dict:
+    device = next(model.parameters()).device
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
 LOSS_CHUNK_TOKENS = 128  # one [128, vocab] float32 block at a time: 24 MiB for a 49k vocabulary
@@ -277,9 +286,8 @@ def chunked_causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
 
     if not isinstance(batch, Mapping) or "labels" not in batch:
         return default_loss(model, batch)  # its error names what is missing
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(model.parameters()).device
-    inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    causal_lm = _unwrapped(model)
+    inputs = _on_model_device(model, batch)
     labels = inputs.pop("labels")
     hidden_states = causal_lm.model(**inputs).last_hidden_state
     loss = TailCappedLoss(gamma=0.0, fused=True, chunk_size=LOSS_CHUNK_TOKENS)
@@ -291,7 +299,7 @@ def model_loss_for(model: nn.Module) -> Callable[[nn.Module, object], torch.Tens
     after), else `default_loss`."""
     from ..losses.fused_lm_head import why_logits_are_not_lm_head_of_decoder
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = _unwrapped(model)
     if type(causal_lm).__name__.endswith("ForCausalLM") and why_logits_are_not_lm_head_of_decoder(causal_lm) is None:
         return chunked_causal_lm_loss
     return default_loss
