@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..harness import log
+from ..harness import compare, log
 
 
 class BudgetExhausted(BaseException):
@@ -90,11 +90,6 @@ def free_memory() -> None:
 # Timing and peak memory
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_call(function: Callable[[], object], device: torch.device) -> float:
     """Seconds of one call: CUDA events around it on a GPU (the host's launch work included), else perf_counter."""
     if device.type == "cuda":
@@ -109,24 +104,15 @@ def time_call(function: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start_time
 
 
-def time_pair(candidate: Callable[[], object], peer: Callable[[], object], device: torch.device, *, repeats: int,
-              warmup: int) -> dict:
-    """Both sides in this process, interleaved (A B, B A, ...) after ``warmup`` untimed calls each.
-    time_ratio = median over rounds of candidate seconds / peer seconds (< 1: the candidate is faster)."""
-    for _ in range(warmup):
-        candidate()
-        peer()
-    synchronize(device)
-    seconds = {"candidate": [], "peer": []}
-    sides = {"candidate": candidate, "peer": peer}
-    for round_index in range(repeats):
-        order = ("candidate", "peer") if round_index % 2 == 0 else ("peer", "candidate")
-        for side in order:
-            seconds[side].append(time_call(sides[side], device))
-    ratios = [c / p for c, p in zip(seconds["candidate"], seconds["peer"])]
-    return {"candidate_seconds": statistics.median(seconds["candidate"]),
-            "peer_seconds": statistics.median(seconds["peer"]), "time_ratio": statistics.median(ratios),
-            "time_ratio_range": [min(ratios), max(ratios)], "rounds": repeats, "warmup": warmup}
+def time_pair(candidate: Callable[[], object], peer: Callable[[], object], *, repeats: int, warmup: int) -> dict:
+    """Both sides in this process, interleaved after ``warmup`` untimed calls each (the harness's `compare`, which
+    synchronises CUDA around every call). time_ratio = median over rounds of candidate seconds / peer seconds
+    (< 1: the candidate is faster)."""
+    record = compare(candidate, peer, work=1.0, unit="calls/s", repeats=repeats, warmup=warmup)
+    ratios = [c / p for c, p in zip(record["candidate_seconds"], record["peer_seconds"])]
+    return {"candidate_seconds": record["candidate_median_seconds"], "peer_seconds": record["peer_median_seconds"],
+            "time_ratio": statistics.median(ratios), "time_ratio_range": [min(ratios), max(ratios)],
+            "rounds": repeats, "warmup": warmup}
 
 
 def peak_bytes(function: Callable[[], object], device: torch.device) -> int | None:

@@ -33,7 +33,7 @@ GOALS = {
 
 def _measure(section: Section, candidate_call, peer_call, goal: str, *, repeats: int, warmup: int, **fields) -> dict:
     """Time both sides, then (CUDA) their peak memory, and judge the goal; the row's fields."""
-    timing = time_pair(candidate_call, peer_call, section.device, repeats=repeats, warmup=warmup)
+    timing = time_pair(candidate_call, peer_call, repeats=repeats, warmup=warmup)
     peaks = [peak_bytes(side, section.device) for side in (candidate_call, peer_call)]
     return {**fields, **ratio_fields(timing, *peaks, GOALS[goal])}
 
