@@ -294,7 +294,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         # Everything a step needs is computed here on the host, once per schedule: step() reads these Python
         # numbers and never a device tensor's value (that would make the host wait for the device at every step).
         schedule = torch.from_numpy(np.ascontiguousarray(values)).to(dtype=dtype)
-        self._host_schedule = schedule
+        self._schedule = schedule  # on the host; `timesteps` is its copy on the device
         self._schedule_values = schedule.tolist()
         if self.config.step_convention == "ddim" and not custom and not self.continuous:
             targets = schedule - self._stride()  # DDIM: t − T//N, whatever the spacing listed
@@ -306,8 +306,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         if self.config.solver == "heun":
             timesteps = torch.cat([schedule[:1], schedule[1:].repeat_interleave(2)])
         self._timestep_values = timesteps.tolist()  # the values of self.timesteps' elements (see _timestep_value)
-        self._schedule = schedule.to(device)
-        self.timesteps = self._schedule if self.config.solver != "heun" else timesteps.to(device)
+        self.timesteps = timesteps.to(device)
         self._heun_state = None  # (x_t, ε̂_t, a_t, b_t, s) between Heun's predictor and corrector calls
 
     def _stride(self) -> int:
@@ -373,7 +372,7 @@ class UDMScheduler(SchedulerMixin, ConfigMixin):
         """The rows of `_coefficient_rows` for every listed timestep, computed on the host once per schedule and η."""
         key = (eta, use_clipped_model_output)
         if key not in self._coefficients:
-            self._coefficients[key] = self._coefficient_rows(self._host_schedule, self._targets, eta,
+            self._coefficients[key] = self._coefficient_rows(self._schedule, self._targets, eta,
                                                              use_clipped_model_output)
         return self._coefficients[key]
 
