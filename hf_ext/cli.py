@@ -78,9 +78,17 @@ def _convert(args) -> int:
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(args.source, **kwargs).model_type
+    if args.format != "hfext" and not args.to_mla:
+        print("error: --format applies to --to-mla", file=sys.stderr)
+        return 2
+    if args.calibration_file and not args.to_mla:
+        print("error: --calibration-file applies to --to-mla", file=sys.stderr)
+        return 2
     if args.to_mla:
+        calibration = _calibration_ids(args, kwargs) if args.calibration_file else None
         model = hf_ext.convert.to_mla(args.source, kv_lora_rank=args.kv_lora_rank,
-                                      qk_rope_head_dim=args.qk_rope_head_dim, **kwargs)
+                                      qk_rope_head_dim=args.qk_rope_head_dim, calibration_input_ids=calibration,
+                                      output_format=args.format, **kwargs)
     elif model_type in hf_ext.convert.SUPPORTED_DEEPSEEK_FAMILIES:
         model = hf_ext.convert.from_deepseek(args.source, **kwargs)
     else:
@@ -92,9 +100,30 @@ def _convert(args) -> int:
         AutoTokenizer.from_pretrained(args.source, **kwargs).save_pretrained(output)
     except (OSError, ValueError):
         pass
+    if model.config.model_type == "deepseek_v3":
+        print(f"saved DeepSeek-V3 checkpoint to {output} ({model.config.num_hidden_layers} MLA layers, latent "
+              f"{model.config.kv_lora_rank} + rotary key {model.config.qk_rope_head_dim} per token and layer)")
+        return 0
     kinds = sorted(set(model.config.attention_types))
     print(f"saved HfExt checkpoint to {output} ({model.config.num_hidden_layers} layers, attention {', '.join(kinds)})")
     return 0
+
+
+CALIBRATION_BLOCK = 256  # tokens per calibration sequence
+
+
+def _calibration_ids(args, kwargs):
+    """The first --calibration-tokens tokens of --calibration-file, as [blocks, 256] ids for to_mla."""
+    import torch
+    from transformers import AutoTokenizer
+
+    text = Path(args.calibration_file).read_text(encoding="utf-8", errors="replace")
+    ids = AutoTokenizer.from_pretrained(args.source, **kwargs)(text)["input_ids"][: args.calibration_tokens]
+    blocks = len(ids) // CALIBRATION_BLOCK
+    if blocks == 0:
+        raise SystemExit(f"error: --calibration-file {args.calibration_file} has {len(ids)} tokens; at least "
+                         f"{CALIBRATION_BLOCK} are needed")
+    return torch.tensor(ids[: blocks * CALIBRATION_BLOCK]).view(blocks, CALIBRATION_BLOCK)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="convert the GQA attention to MLA (hf_ext.convert.to_mla; exact with the defaults)")
     convert.add_argument("--kv-lora-rank", type=int, help="with --to-mla: width of the cached latent")
     convert.add_argument("--qk-rope-head-dim", type=int, help="with --to-mla: rotary dimensions kept per head")
+    convert.add_argument("--format", choices=("hfext", "deepseek"), default="hfext",
+                         help="with --to-mla: write an HfExt checkpoint (default) or a DeepSeek-V3 one that "
+                              "transformers' DeepseekV3ForCausalLM and DeepSeek-serving engines load")
+    convert.add_argument("--calibration-file", help="with --to-mla: a text file whose tokens calibrate the "
+                                                    "factorisation (strongly advised with --format deepseek)")
+    convert.add_argument("--calibration-tokens", type=int, default=2048,
+                         help="with --calibration-file: how many of its first tokens to use (default 2048)")
     convert.set_defaults(handler=_convert)
     return parser
 

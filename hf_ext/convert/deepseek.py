@@ -13,6 +13,8 @@ from ..models.hfext import HfExtConfig, HfExtForCausalLM
 from ._common import build_hfext, load_source
 
 SUPPORTED_DEEPSEEK_FAMILIES = ("deepseek_v2", "deepseek_v3")
+# transformers' DeepSeek-V2/V3 build the latent's RMSNorm with the class default, not with config.rms_norm_eps.
+DEEPSEEK_LATENT_NORM_EPS = 1e-6
 
 
 def hfext_config_from_deepseek(source_config) -> HfExtConfig:
@@ -62,6 +64,7 @@ def hfext_config_from_deepseek(source_config) -> HfExtConfig:
         v_head_dim=source_config.v_head_dim,
         # DeepSeek-V2 rotates interleaved pairs as complex numbers; V3 says which layout its weights use.
         rope_interleave=bool(getattr(source_config, "rope_interleave", True)),
+        kv_latent_norm_eps=DEEPSEEK_LATENT_NORM_EPS,
     )
 
 

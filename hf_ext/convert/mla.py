@@ -23,13 +23,15 @@ elements instead of 2 · n_kv · head_dim.
 import os
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DeepseekV3ForCausalLM, PreTrainedModel
 
 from ..models.hfext import HfExtConfig, HfExtForCausalLM
 from ..models.hfext.configuration_hfext import _describe
 from ..models.hfext.mla_hfext import kept_rotary_columns
 from ._common import build_hfext, load_source
 from .llama import from_llama
+
+OUTPUT_FORMATS = ("hfext", "deepseek")
 
 
 def _check_settings(config: HfExtConfig, kv_lora_rank, qk_rope_head_dim) -> tuple[int, int]:
@@ -92,7 +94,7 @@ def _factor(stacked: torch.Tensor, rank: int, gram: torch.Tensor | None) -> tupl
     """stacked [rows, cols] ≈ up [rows, rank] @ down [rank, cols], best in ‖(stacked − up·down) X‖ for XᵀX = gram
     (plain weight-space SVD without one). Float64."""
     if rank == stacked.shape[0]:  # nothing to truncate: the latent is the stacked projection itself
-        return torch.eye(rank, dtype=stacked.dtype), stacked
+        return torch.eye(rank, dtype=stacked.dtype, device=stacked.device), stacked
     if gram is None:
         u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
         return u[:, :rank], s[:rank, None] * vh[:rank]
@@ -150,8 +152,9 @@ def to_mla(
     kv_lora_rank: int | None = None,
     qk_rope_head_dim: int | None = None,
     calibration_input_ids: torch.Tensor | None = None,
+    output_format: str = "hfext",
     **from_pretrained_kwargs,
-) -> HfExtForCausalLM:
+) -> HfExtForCausalLM | DeepseekV3ForCausalLM:
     """Convert a grouped-query-attention causal LM into an `HfExtForCausalLM` whose every layer is MLA.
 
     Args:
@@ -164,11 +167,19 @@ def to_mla(
             Defaults to head_dim: every dimension keeps its rotation.
         calibration_input_ids: token ids [batch, seq] whose attention inputs weight the factorisation (activation-
             aware); without them the factorisation is a plain SVD of the weights.
+        output_format: `"hfext"` (default) or `"deepseek"`. `"deepseek"` writes DeepSeek-V3's layout, which
+            transformers' `DeepseekV3ForCausalLM` and the serving engines with DeepSeek MLA kernels load as it is:
+            one rotary key shared by all heads, an RMSNorm on the latent, interleaved rotary pairs, dense MLPs,
+            untied embeddings. The shared key and the latent norm are approximations unless the source has one KV
+            head and `kv_lora_rank = hidden_size` (see `hf_ext.convert.deepseek_export`); the cache holds
+            `kv_lora_rank + qk_rope_head_dim` elements per token and layer, and `kv_lora_rank` defaults to
+            2·n_kv·head_dim − qk_rope_head_dim (capped at hidden_size), the cache size of the source.
 
     Returns:
-        An `HfExtForCausalLM` in eval mode with the source's dtype and device. With both defaults it reproduces the
-        source's logits (to float rounding); the KV cache then holds kv_lora_rank + n_kv·qk_rope_head_dim elements per
-        token and layer.
+        With `output_format="hfext"`, an `HfExtForCausalLM` in eval mode with the source's dtype and device. With
+        both defaults it reproduces the source's logits (to float rounding); the KV cache then holds
+        kv_lora_rank + n_kv·qk_rope_head_dim elements per token and layer. With `"deepseek"`, a
+        `DeepseekV3ForCausalLM` in eval mode, with the source's dtype and device.
 
     Example:
         >>> import torch, hf_ext
@@ -190,7 +201,18 @@ def to_mla(
     if any(kind != "gqa" for kind in config.attention_types):
         raise ValueError(f"to_mla converts grouped-query-attention layers; this model's attention_types are "
                          f"{config.attention_types}.")
-    rank, rope_dim = _check_settings(config, kv_lora_rank, qk_rope_head_dim)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"`output_format` must be one of {list(OUTPUT_FORMATS)}, got {_describe(output_format)}.")
+    if output_format == "deepseek":
+        from .deepseek_export import check_exportable, deepseek_settings, export_deepseek, layer_input_samples  # it imports this module
+
+        check_exportable(config)
+        rank, rope_dim = deepseek_settings(config, kv_lora_rank, qk_rope_head_dim)
+    else:
+        rank, rope_dim = _check_settings(config, kv_lora_rank, qk_rope_head_dim)
+    if output_format == "deepseek":
+        samples = None if calibration_input_ids is None else layer_input_samples(source, calibration_input_ids)
+        return export_deepseek(source, rank, rope_dim, samples)
     grams = [None] * config.num_hidden_layers
     if calibration_input_ids is not None:
         grams = _layer_inputs_gram(source, calibration_input_ids, with_bias=config.attention_bias)

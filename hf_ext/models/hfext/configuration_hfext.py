@@ -184,6 +184,8 @@ class HfExtConfig(PreTrainedConfig):
             conversion of a GQA model needs). Must divide `num_attention_heads`.
         kv_latent_norm (`bool`): RMSNorm on the key/value latent before caching (DeepSeek: True). Converted GQA
             models set False, since their latent is a linear factor of the original projections.
+        kv_latent_norm_eps (`float`, *optional*): epsilon of that latent RMSNorm; defaults to `rms_norm_eps`.
+            transformers' DeepSeek-V2/V3 use 1e-6 whatever `rms_norm_eps` says, and `from_deepseek` copies theirs.
         rope_interleave (`bool`): rotary layout of the MLA rotary dims: True for interleaved pairs (x0, x1), (x2, x3)
             as in DeepSeek checkpoints, False for rotate-half pairs (x_i, x_{i+d/2}) as in Llama.
         mla_implementation (`str`): `"auto"` (default: per call, whichever of the two exact forms needs fewer
@@ -259,6 +261,7 @@ class HfExtConfig(PreTrainedConfig):
     v_head_dim: int | None = None
     mla_rope_key_heads: int = 1
     kv_latent_norm: bool = True
+    kv_latent_norm_eps: float | None = None
     rope_interleave: bool = False
     mla_implementation: str = "auto"
     position_layout: str = "flatten"
@@ -441,6 +444,10 @@ class HfExtConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be an integer {allowed}{why} for MLA layers, got {_describe(value)}.")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"`qk_rope_head_dim` must be even (rotary pairs), got {self.qk_rope_head_dim}.")
+        eps = self.kv_latent_norm_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+            raise ValueError(f"`kv_latent_norm_eps` must be a positive number or None (use rms_norm_eps), "
+                             f"got {_describe(eps)}.")
         if self.qk_nope_head_dim + self.qk_rope_head_dim == 0:
             raise ValueError("`qk_nope_head_dim + qk_rope_head_dim` must be positive: MLA queries and keys need a width.")
         if self.num_attention_heads % self.mla_rope_key_heads:

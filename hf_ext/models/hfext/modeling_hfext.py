@@ -378,7 +378,8 @@ class HfExtMLAttention(HfExtAttentionBase):
             hidden, self.kv_lora_rank + self.rope_key_heads * self.qk_rope_head_dim, bias=config.attention_bias
         )
         if config.kv_latent_norm:
-            self.kv_a_layernorm = HfExtRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+            eps = config.rms_norm_eps if config.kv_latent_norm_eps is None else config.kv_latent_norm_eps
+            self.kv_a_layernorm = HfExtRMSNorm(self.kv_lora_rank, eps=eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * self.v_head_dim, hidden, bias=config.attention_output_bias)
 
