@@ -8,10 +8,13 @@ perplexity = exp of the token-weighted mean next-token cross-entropy):
 * the original GQA model, and the exact conversion (defaults) as a check: max |Δlogit| ≤ 1e-4, same cache;
 * a ladder of compressed ``(qk_rope_head_dim, kv_lora_rank)`` settings (about 25-70 % of the GQA cache), converted
   training-free with a plain weight SVD and calibrated on training-split text;
-* the ``heal`` settings after a short Lion fine-tune, against the original given the *identical* fine-tune.
+* the ``heal`` settings after a short Lion fine-tune, against the original given the *identical* fine-tune;
+* ``deepseek_ladder``: ``to_mla(..., output_format="deepseek")``, evaluated as transformers' own
+  ``DeepseekV3ForCausalLM`` (one rotary key shared by all heads, so ``kv_lora_rank + qk_rope_head_dim`` elements
+  per token and layer, and DeepSeek's RMSNorm on the latent), without and with calibration, no healing.
 
 RESULTS.md rows: ratio = peer PPL / candidate PPL (> 1: the MLA model predicts better), informational, no goal.
-Run with ``python -m benchmarks.mla_conversion_quality`` (27 minutes on 2 cores, one thread) or ``--quick`` (a tiny
+Run with ``python -m benchmarks.mla_conversion_quality`` (about 33 minutes on 2 cores, one thread) or ``--quick`` (a tiny
 random Llama over bytes of the same text: every code path in seconds, not a measurement).
 """
 
@@ -19,6 +22,7 @@ import copy
 import math
 import os
 import time
+import warnings
 
 import torch
 
@@ -38,6 +42,9 @@ FULL = {
     # = 66.7 %, 54.2 %, 45.8 %, 31.3 %, 22.9 % of SmolLM2's GQA cache.
     "ladder": ((32, 160), (16, 160), (16, 128), (8, 96), (8, 64)),
     "heal": ((16, 128), (8, 64)),  # calibrated conversions that get the healing fine-tune
+    # output_format="deepseek" (one shared rotary key, latent RMSNorm): cache kv_lora_rank + qk_rope_head_dim of 384
+    # = 100 %, 66.7 %, 66.7 %, 45.8 % of SmolLM2's GQA cache.
+    "deepseek_ladder": ((64, 320), (64, 192), (32, 224), (32, 144)),
     "block_size": 256, "eval_blocks": 32, "eval_batch_size": 4,
     "max_eval_blocks_per_file": 2, "max_train_blocks_per_file": 4, "calibration_blocks": 8,
     # healing: Lion, linear warm-up then constant (about/mla_conversion_quality.md says why this learning rate)
@@ -45,7 +52,8 @@ FULL = {
     "learning_rate": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.01, "warmup_steps": 3,
     "exact_tolerance": 1e-4, "seed": 0,
 }
-QUICK = {**FULL, "model": "tiny-llama", "ladder": ((8, 24), (4, 16)), "heal": ((4, 16),), "block_size": 64,
+QUICK = {**FULL, "model": "tiny-llama", "ladder": ((8, 24), (4, 16)), "heal": ((4, 16),),
+         "deepseek_ladder": ((8, 24),), "block_size": 64,
          "eval_blocks": 4, "eval_batch_size": 2, "calibration_blocks": 2, "heal_steps": 3, "heal_batch_size": 2,
          "warmup_steps": 1}
 
@@ -123,7 +131,26 @@ def run(settings: dict, quick: bool = False) -> dict:
             f"of GQA): PPL plain {row['plain']['ppl']:.3f}, calibrated {row['calibrated']['ppl']:.3f}{healed} "
             f"({lap(name):.0f} s)")
 
-    # 3. The honesty control: the original with the identical fine-tune.
+    # 3. The DeepSeek-V3 export (transformers' DeepseekV3ForCausalLM), training-free, plain and calibrated.
+    deepseek_ladder = []
+    for rope, rank in settings["deepseek_ladder"]:
+        row = {"qk_rope_head_dim": rope, "kv_lora_rank": rank}
+        for variant, calibration in (("plain", None), ("calibrated", data["calibration_input_ids"])):
+            convert_start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the plain variant's advice to calibrate: measured here instead
+                model = hf_ext.convert.to_mla(original, kv_lora_rank=rank, qk_rope_head_dim=rope,
+                                              calibration_input_ids=calibration, output_format="deepseek")
+            convert_seconds = time.perf_counter() - convert_start
+            row.update(cache_sizes(model.config, gqa_bytes))
+            row[variant] = {**evaluate(model, data["eval_batches"]), "convert_seconds": convert_seconds}
+            del model
+        deepseek_ladder.append(row)
+        log(f"DeepSeek {_setting_name(rope, rank):<18} {row['kv_bytes_per_token_fp32']:>7,} B/token fp32 "
+            f"({row['fraction_of_gqa'] * 100:5.1f} % of GQA): PPL plain {row['plain']['ppl']:.3f}, calibrated "
+            f"{row['calibrated']['ppl']:.3f} ({lap('deepseek ' + _setting_name(rope, rank)):.0f} s)")
+
+    # 4. The honesty control: the original with the identical fine-tune.
     fine_tuned_gqa = None
     if heal_set:
         control = copy.deepcopy(original)
@@ -137,7 +164,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     tolerance = settings["exact_tolerance"]
     exact_ok = joint["max_abs_logit_diff"] <= tolerance and abs(joint["nll"] - joint["reference_nll"]) <= 1e-5
     all_ppl = [reference["original"]["ppl"], reference["exact"]["ppl"]] + [
-        row[v]["ppl"] for row in ladder for v in ("plain", "calibrated", "healed") if row.get(v)] + (
+        row[v]["ppl"] for row in ladder + deepseek_ladder for v in ("plain", "calibrated", "healed") if row.get(v)] + (
         [fine_tuned_gqa["ppl"]] if fine_tuned_gqa else [])
     layers, n_kv = config.num_hidden_layers, config.num_key_value_heads
     checks = {
@@ -151,6 +178,9 @@ def run(settings: dict, quick: bool = False) -> dict:
         # kv_lora_rank + n_kv · qk_rope_head_dim elements per token and layer, 4 bytes each in fp32
         "kv_bytes_formula": all(row["kv_bytes_per_token_fp32"] == 4 * layers * (
             row["kv_lora_rank"] + n_kv * row["qk_rope_head_dim"]) for row in ladder),
+        # DeepSeek's single shared rotary key: kv_lora_rank + qk_rope_head_dim
+        "deepseek_kv_bytes_formula": all(row["kv_bytes_per_token_fp32"] == 4 * layers * (
+            row["kv_lora_rank"] + row["qk_rope_head_dim"]) for row in deepseek_ladder),
         "healing_keeps_cache": all(row["healed_kv_bytes_per_token_fp32"] == row["kv_bytes_per_token_fp32"]
                                    for row in ladder if row.get("healed")),
         "split_by_file": not set(data["eval_files"]) & set(data["train_files"]),
@@ -161,17 +191,18 @@ def run(settings: dict, quick: bool = False) -> dict:
         log(f"WARNING: the exact conversion is not exact: {checks['exact_conversion']}")
 
     result = make_result(NAME, candidate=CANDIDATE, peer=PEER, settings=settings,
-                         metrics=make_metrics(reference, ladder, fine_tuned_gqa), checks=checks, quick=quick)
+                         metrics=make_metrics(reference, ladder, fine_tuned_gqa, deepseek_ladder), checks=checks, quick=quick)
     sections["total"] = time.perf_counter() - started
     result["tables"] = {
         "units": "perplexity = exp(token-weighted mean next-token cross-entropy in nats) on the held-out blocks; "
                  "KV bytes per token summed over layers",
-        "reference": reference, "ladder": ladder, "fine_tuned_gqa": fine_tuned_gqa, "healing": healing,
+        "reference": reference, "ladder": ladder, "deepseek_ladder": deepseek_ladder,
+        "fine_tuned_gqa": fine_tuned_gqa, "healing": healing,
         "eval_files": data["eval_files"], "sections_seconds": sections}
-    result["markdown_tables"] = [markdown_table(reference, ladder, fine_tuned_gqa, settings)]
+    result["markdown_tables"] = [markdown_table(reference, ladder, fine_tuned_gqa, settings, deepseek_ladder)]
     log(result["markdown_tables"][0])
     model_name = "SmolLM2-135M" if settings["model"] == "smollm2-135m" else settings["model"]
-    figure = plot(reference, ladder, fine_tuned_gqa, healing,
+    figure = plot(reference, ladder, fine_tuned_gqa, healing, deepseek_ladder,
                   f"{model_name} → MLA: held-out perplexity vs KV cache ({settings['eval_blocks']}×"
                   f"{settings['block_size']} tokens of held-out Python docs)")
     save_result(result, figure, started)
@@ -187,7 +218,8 @@ def _ppl_metric(description: str, candidate: float, peer: float) -> dict:
                                 "peer PPL / candidate PPL; > 1 means the MLA model is better")
 
 
-def make_metrics(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None) -> dict:
+def make_metrics(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None,
+                 deepseek_ladder: list[dict] = ()) -> dict:
     """One informational RESULTS.md row for the exact conversion, every calibrated setting and every healed one."""
     metrics = {"exact conversion vs original": _ppl_metric(
         "held-out perplexity of the exact conversion (qk_rope_head_dim = head_dim, kv_lora_rank = n_kv·head_dim) "
@@ -197,6 +229,12 @@ def make_metrics(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | Non
         metrics[f"training-free calibrated {name} ({share:.0f}% cache) vs original"] = _ppl_metric(
             f"held-out perplexity, calibrated conversion without training, {share:.1f} % of the GQA cache, against "
             "the original GQA model", row["calibrated"]["ppl"], reference["original"]["ppl"])
+    for row in deepseek_ladder:
+        name, share = _setting_name(row["qk_rope_head_dim"], row["kv_lora_rank"]), row["fraction_of_gqa"] * 100
+        metrics[f"DeepSeek-V3 export, calibrated {name} ({share:.0f}% cache) vs original"] = _ppl_metric(
+            f"held-out perplexity of to_mla(output_format='deepseek') loaded as transformers' DeepseekV3ForCausalLM "
+            f"(one shared rotary key, latent RMSNorm), calibrated, without training, {share:.1f} % of the GQA "
+            "cache, against the original GQA model", row["calibrated"]["ppl"], reference["original"]["ppl"])
     for row in ladder:
         if row.get("healed") and fine_tuned_gqa:
             name, share = _setting_name(row["qk_rope_head_dim"], row["kv_lora_rank"]), row["fraction_of_gqa"] * 100
@@ -212,7 +250,8 @@ def _ppl(value) -> str:
     return f"{value:,.1f}" if value >= 1000 else f"{value:.3f}" if value < 100 else f"{value:.2f}"
 
 
-def markdown_table(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None, settings: dict) -> str:
+def markdown_table(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None, settings: dict,
+                   deepseek_ladder: list[dict] = ()) -> str:
     heal_note = (f"healed = calibrated conversion + {settings['heal_steps']} Lion steps of "
                  f"{settings['heal_batch_size']}×{settings['block_size']} tokens ({settings['heal_parameters']} "
                  f"parameters, lr {settings['learning_rate']:g})")
@@ -237,10 +276,14 @@ def markdown_table(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | N
         rows.append(f"| MLA ({row['qk_rope_head_dim']}, {row['kv_lora_rank']}) | {sizes(row)} | "
                     f"{_ppl(row['plain']['ppl'])} | {_ppl(row['calibrated']['ppl'])} | "
                     f"{_ppl(row['healed']['ppl']) if row.get('healed') else '—'} |")
+    for row in deepseek_ladder:
+        rows.append(f"| DeepSeek-V3 export ({row['qk_rope_head_dim']}, {row['kv_lora_rank']}) | {sizes(row)} | "
+                    f"{_ppl(row['plain']['ppl'])} (no calibration) | {_ppl(row['calibrated']['ppl'])} | — |")
     return "\n".join(rows)
 
 
-def plot(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None, healing: dict, title: str):
+def plot(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None, healing: dict,
+         deepseek_ladder: list[dict], title: str):
     """Left: perplexity vs KV bytes per token (plain, calibrated, healed MLA; original and fine-tuned GQA).
     Right: the healing runs' training losses."""
     plt = pyplot()
@@ -254,6 +297,13 @@ def plot(reference: dict, ladder: list[dict], fine_tuned_gqa: dict | None, heali
               label="MLA training-free, plain SVD")
     left.plot(xs, [r["calibrated"]["ppl"] for r in rows], marker="o", color="tab:blue",
               label="MLA training-free, calibrated")
+    if deepseek_ladder:
+        exports = sorted(deepseek_ladder, key=kib)
+        left.plot([kib(r) for r in exports], [r["calibrated"]["ppl"] for r in exports], marker="^",
+                  color="tab:purple", label="DeepSeek-V3 export, calibrated")
+        for r in exports:
+            left.annotate(f"({r['qk_rope_head_dim']},{r['kv_lora_rank']})", (kib(r), r["calibrated"]["ppl"]),
+                          textcoords="offset points", xytext=(4, -10), fontsize=8, color="tab:purple")
     healed = [r for r in rows if r.get("healed")]
     if healed:
         left.plot([kib(r) for r in healed], [r["healed"]["ppl"] for r in healed], marker="*", markersize=12,

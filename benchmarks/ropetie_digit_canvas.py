@@ -23,8 +23,8 @@ from hf_ext import HfExtForCausalLM
 
 from .harness import (THREADS_ENVIRONMENT_VARIABLE, configure_threads, informational_metric, log, main, make_result,
                       save_result)
-from .tasks.digit_canvas import (BEYOND, CELL, KINDS, baselines, build_processor, evaluation_sets, model_inputs,
-                                 overall, split_digits, training_batches)
+from .tasks.digit_canvas import (BEYOND, CELL, KINDS, QUESTION_PLACEMENTS, baselines, build_processor,
+                                 evaluation_sets, model_inputs, overall, split_digits, training_batches)
 from .tasks.ropetie_report import markdown_table, plot, positions_example, window_means
 from .tasks.ropetie_training import build_model, run_in_processes, train, weights_digest
 
@@ -44,6 +44,9 @@ FULL = {
     "data_seed": 0,
     "eval_seed": 1,
     "seed": 0,
+    # where the questions stand (tasks/digit_canvas.py QUESTION_PLACEMENTS); other than "after" the results go to
+    # ropetie_digit_canvas_question_<placement>.json, beside the main run's
+    "question_placement": "after",
     "model": {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 4, "num_attention_heads": 4,
               "initializer_range": 0.08, "rope_theta": 100.0},
     "steps": 8000,
@@ -163,8 +166,16 @@ def accuracy_metrics(accuracy: dict, settings: dict) -> dict:
     return metrics
 
 
+def result_name(placement: str) -> str:
+    return NAME if placement == "after" else f"{NAME}_question_{placement}"
+
+
 def run(settings: dict, quick: bool = False) -> dict:
     started = time.perf_counter()
+    if settings["question_placement"] not in QUESTION_PLACEMENTS:
+        raise ValueError(f"question_placement must be one of {list(QUESTION_PLACEMENTS)}, got "
+                         f"{settings['question_placement']!r}")
+    benchmark = result_name(settings["question_placement"])
     unknown = set(settings["layouts"]) - set(LAYOUTS)
     if unknown or "flatten" not in settings["layouts"] or "rope_tie_v2" not in settings["layouts"]:
         raise ValueError(f"layouts must be among {list(LAYOUTS)} and include flatten and rope_tie_v2, got "
@@ -176,7 +187,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     torch.set_num_threads(threads_before)
     workers = max(1, min(settings["workers"], len(settings["layouts"])))
     groups = [settings["layouts"][i::workers] for i in range(workers)]
-    log(f"{NAME}: layouts {settings['layouts']} in {workers} process(es) {groups}, {settings['threads']} thread(s) "
+    log(f"{benchmark}: layouts {settings['layouts']} in {workers} process(es) {groups}, {settings['threads']} thread(s) "
         f"each; trained on {settings['train_size']}×{settings['train_size']} canvases, evaluated on "
         f"{settings['eval_sizes']}")
     if workers == 1:
@@ -214,7 +225,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     for layout, by_size in accuracy.items():
         log(f"{layout:<14}" + "".join(f"{overall(by_size[str(s)]):>10.1f}" for s in settings["eval_sizes"]))
 
-    result = make_result(NAME, candidate=CANDIDATE, peer=PEER, settings=settings,
+    result = make_result(benchmark, candidate=CANDIDATE, peer=PEER, settings=settings,
                          metrics=accuracy_metrics(accuracy, settings), checks=checks, quick=quick)
     result["tables"] = {
         "units": "accuracy in % of greedy generate() answers; keys: canvas size, then question type",
@@ -234,8 +245,9 @@ def run(settings: dict, quick: bool = False) -> dict:
                         for layout, r in records.items()},
     }
     result["markdown_tables"] = [markdown_table(accuracy, base, records, settings, parameters)]
+    asked = {"after": "", "before": ", questions before the image", "both": ", questions before and after the image"}
     figure = plot(accuracy, base, settings, f"Digit canvas VQA, trained on {settings['train_size']}×"
-                  f"{settings['train_size']}: held-out accuracy vs canvas size")
+                  f"{settings['train_size']}{asked[settings['question_placement']]}: held-out accuracy vs canvas size")
     save_result(result, figure, started)
     return result
 

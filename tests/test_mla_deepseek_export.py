@@ -213,3 +213,14 @@ def test_convert_command_writes_a_deepseek_checkpoint_calibrated_on_a_text_file(
     torch.testing.assert_close(logits(loaded, ids()), logits(expected, ids()), rtol=0, atol=1e-5)
     # --format and --calibration-file belong to --to-mla
     assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "x"), "--format", "deepseek"]) == 2
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch, capsys):
+    from readme_snippets import run_readme_snippet
+
+    monkeypatch.chdir(tmp_path)
+    namespace = run_readme_snippet("Exporting MLA for serving engines (DeepSeek-V3 format)")
+    assert capsys.readouterr().out.splitlines()[-1] == "DeepseekV3ForCausalLM 448"  # the numbers the comment claims
+    tokens = torch.randint(0, 1000, (1, 9))
+    torch.testing.assert_close(logits(namespace["reloaded"], tokens), logits(namespace["export"], tokens),
+                               rtol=0, atol=1e-6)

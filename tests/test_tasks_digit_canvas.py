@@ -164,6 +164,28 @@ def test_encode_labels_exactly_the_answers(pools, processor):
     assert batch["answer_positions"].tolist() == [i for i, _ in labelled[:-1]]
 
 
+@pytest.mark.parametrize("placement", ["before", "both"])
+def test_questions_before_the_image_keep_the_answers_labelled(pools, processor, placement):
+    examples = make_examples(3, 4, pools["train"], seed=3, empty_probability=0.25, ask_limit=4)
+    batch = encode(processor, examples, placement)
+    for row, (canvas, _) in enumerate(examples):
+        tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist())
+        asked = " ".join(q.text for q in canvas.questions).split()
+        start = len(asked)  # every question, then the image
+        assert tokens[:start] == asked and tokens[start] == "<image_start>" and tokens[start + 17] == "<image_end>"
+        after = tokens[start + 18:-1]
+        if placement == "before":
+            assert after == [q.answer for q in canvas.questions]
+        else:
+            assert after == " ".join(f"{q.text} {q.answer}" for q in canvas.questions).split()
+        labelled = [processor.tokenizer.convert_ids_to_tokens(int(t))
+                    for t in batch["labels"][row] if t != IGNORE_INDEX]
+        assert labelled == [q.answer for q in canvas.questions] + ["<eos>"]
+        assert [tokens[int(i)] for i in batch["answer_positions"]] == [q.answer for q in canvas.questions]
+    with pytest.raises(ValueError, match=r"`placement` must be one of \['after', 'before', 'both'\]"):
+        examples[0][0].text("middle")
+
+
 def test_learning_rate_schedule():
     factor = learning_rate_factor
     assert factor(0, 10, 100) == pytest.approx(0.1) and factor(9, 10, 100) == pytest.approx(1.0)

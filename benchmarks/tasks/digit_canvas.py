@@ -89,6 +89,10 @@ def split_digits(eval_fraction: float, seed: int) -> dict[str, DigitPool]:
 # (None). Every canvas comes with one question of each type in KINDS, each answered by one word (a digit or "none").
 
 Cells = tuple[tuple[int | None, ...], ...]
+# Where the questions stand relative to the image (Canvas.text). "after" puts every question right next to the
+# image's end, so the text-to-image distance grows with the image; "before" and "both" also separate the question
+# from the image by the whole image, which is what tells the position layouts apart.
+QUESTION_PLACEMENTS = ("after", "before", "both")
 _FREE = "free"  # a cell not yet decided while a canvas is built
 
 
@@ -104,9 +108,19 @@ class Canvas:
     cells: Cells
     questions: tuple[Question, ...]
 
-    def text(self) -> str:
-        """The whole training text: the image, then every question followed by its answer."""
-        return " ".join(["<image>"] + [f"{q.text} {q.answer}" for q in self.questions])
+    def text(self, placement: str = "after") -> str:
+        """The whole training text. `placement` (QUESTION_PLACEMENTS) says where the questions stand: "after" the
+        image, each followed by its answer; "before" it, all four, with the four answers after the image in the same
+        order; or "both": all four before the image and again after it, each followed by its answer."""
+        answered = [f"{q.text} {q.answer}" for q in self.questions]
+        if placement == "after":
+            return " ".join(["<image>"] + answered)
+        asked = [q.text for q in self.questions]
+        if placement == "before":
+            return " ".join(asked + ["<image>"] + [q.answer for q in self.questions])
+        if placement == "both":
+            return " ".join(asked + ["<image>"] + answered)
+        raise ValueError(f"`placement` must be one of {list(QUESTION_PLACEMENTS)}, got {placement!r}")
 
 
 def _word(value: int | None) -> str:
@@ -232,7 +246,7 @@ def make_examples(count: int, size: int, pool: DigitPool, seed: int, empty_proba
 # Batches
 
 
-def encode(processor, examples: list[tuple[Canvas, torch.Tensor]]) -> dict:
+def encode(processor, examples: list[tuple[Canvas, torch.Tensor]], placement: str = "after") -> dict:
     """Model inputs of whole canvas texts with <eos> appended, ``labels`` on every answer and on <eos>, and the
     ``answer_positions`` [batch, 4] (the index of each answer token; the logits one position earlier predict it).
 
@@ -240,7 +254,7 @@ def encode(processor, examples: list[tuple[Canvas, torch.Tensor]]) -> dict:
     equal length and the answers sit at the same positions in every row.
     """
     tokenizer = processor.tokenizer
-    texts = [canvas.text() for canvas, _ in examples]
+    texts = [canvas.text(placement) for canvas, _ in examples]
     batch = dict(processor(text=texts, images=[[image] for _, image in examples]))
     if not bool(batch["attention_mask"].all()):
         raise ValueError("the canvases of a batch must have one size (rows of equal length)")
@@ -248,12 +262,15 @@ def encode(processor, examples: list[tuple[Canvas, torch.Tensor]]) -> dict:
     batch["input_ids"] = torch.cat([batch["input_ids"], eos], dim=1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(eos)], dim=1)
     # Word i of the text after <image> sits `words - i` positions before the <eos> column (one token per word).
-    words = texts[0].split()[1:]
-    word_index, index = [], 0
-    for question in examples[0][0].questions:
-        index += len(question.text.split())
-        word_index.append(index)
-        index += 1
+    words = texts[0].split("<image>", 1)[1].split()
+    if placement == "before":  # the answers alone follow the image
+        word_index = list(range(len(examples[0][0].questions)))
+    else:  # each answer follows its question
+        word_index, index = [], 0
+        for question in examples[0][0].questions:
+            index += len(question.text.split())
+            word_index.append(index)
+            index += 1
     length = batch["input_ids"].shape[1]
     positions = torch.tensor([length - 1 - (len(words) - i) for i in word_index])
     answer_ids = torch.tensor([tokenizer.convert_tokens_to_ids([q.answer for q in canvas.questions])
@@ -294,7 +311,7 @@ def training_batches(settings: dict, processor, pool: DigitPool) -> tuple[list[d
         examples = make_examples(settings["batch_size"], settings["train_size"], pool,
                                  seed=settings["data_seed"] * 1_000_003 + step,
                                  empty_probability=settings["empty_probability"], ask_limit=settings["train_size"])
-        batch = compact(encode(processor, examples))
+        batch = compact(encode(processor, examples, settings.get("question_placement", "after")))
         for key in ("input_ids", "pixel_values"):
             digest.update(batch[key].numpy().tobytes())
         batches.append(batch)
@@ -311,7 +328,9 @@ def evaluation_sets(settings: dict, processor, pool: DigitPool) -> dict:
             examples = make_examples(n, size, pool, seed=settings["eval_seed"] * 1_000_003 + 10 * size + beyond,
                                      empty_probability=settings["empty_probability"], ask_limit=train_size,
                                      beyond=beyond)
-            batches = [compact(encode(processor, examples[i:i + batch_size])) for i in range(0, n, batch_size)]
+            placement = settings.get("question_placement", "after")
+            batches = [compact(encode(processor, examples[i:i + batch_size], placement))
+                       for i in range(0, n, batch_size)]
             sets[(size, beyond)] = {"batches": batches,
                                     "answers": [[q.answer for q in canvas.questions] for canvas, _ in examples]}
     return sets

@@ -16,7 +16,8 @@ each costs something when a GQA model is converted:
    over the calibration tokens, and one latent row (`_add_stabiliser`) evens it out where it would be far from
    1; what spread is left is the approximation of this step. With `kv_lora_rank = hidden_size` the latent is the
    normalised hidden state itself (the input RMSNorm's weight moves into `kv_b_proj`), whose RMS is 1 for every
-   token, and the step is exact up to the two norms' epsilons.
+   token, and the step is exact up to the two norms' epsilons. An RMS near 1 also makes the norm's epsilon
+   immaterial, which matters because transformers builds it with 1e-6 and vLLM/SGLang with `rms_norm_eps`.
 3. **Interleaved rotary pairs and a rotary table of width `qk_rope_head_dim`.** The kept rotary rows are
    reordered as (x0, x1), (x2, x3), … (`rope_interleave=True`, what DeepSeek checkpoints and the serving engines
    use), and `rope_theta` becomes θ^(qk_rope_head_dim / head_dim), so that the table of the narrower width has
