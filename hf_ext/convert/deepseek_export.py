@@ -98,12 +98,13 @@ def deepseek_settings(config: HfExtConfig, kv_lora_rank, qk_rope_head_dim) -> tu
 
 
 def layer_input_samples(model: HfExtForCausalLM, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, the attention inputs X [tokens, hidden] (float64) over `input_ids`."""
+    """Per layer, the attention inputs X [tokens, hidden] over `input_ids`, in float32: tokens · hidden · 4 bytes per
+    layer (the stabiliser fit needs each token, not only XᵀX)."""
     samples = [None] * len(model.model.layers)
 
     def hook(index):
         def record(module, args, kwargs):
-            samples[index] = kwargs["hidden_states"].detach().reshape(-1, kwargs["hidden_states"].shape[-1]).double()
+            samples[index] = kwargs["hidden_states"].detach().reshape(-1, kwargs["hidden_states"].shape[-1]).float()
         return record
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
@@ -132,11 +133,14 @@ def _latent(stacked: torch.Tensor, rank: int, input_norm: torch.Tensor, gram, co
     """stacked [rows, hidden] ≈ up [rows, rank] @ RMSNorm(down @ x): (up, down), float64."""
     hidden = stacked.shape[1]
     if rank == hidden:  # the latent is the normalised hidden state x / w_in: RMS 1 for every token
+        if not bool((input_norm != 0).all()):
+            raise ValueError("kv_lora_rank = hidden_size needs every weight of the layers' input RMSNorm to be "
+                             "nonzero (the latent divides by them); choose a smaller kv_lora_rank.")
         return stacked * input_norm, torch.diag(1 / input_norm)
     extra = min(STABILISER_ROWS, rank - 1) if samples is not None else 0
     up, down = _factor(stacked, rank - extra, gram)
     if extra:
-        down, up = _add_stabiliser(down, up, samples, extra)
+        down, up = _add_stabiliser(down, up, samples, gram, extra)
     if samples is not None:
         scale = (samples @ down.T).pow(2).mean(-1).sqrt().mean()
     else:  # E[mean(c²)] over the inputs: the norm then divides by about 1
@@ -144,7 +148,7 @@ def _latent(stacked: torch.Tensor, rank: int, input_norm: torch.Tensor, gram, co
     return up * scale, down / scale
 
 
-def _add_stabiliser(down, up, samples, extra):
+def _add_stabiliser(down, up, samples, gram, extra):
     """Append `extra` latent rows that no key or value reads (zero columns of `up`) and whose only job is to even
     out the latent's norm over tokens.
 
@@ -156,7 +160,6 @@ def _add_stabiliser(down, up, samples, extra):
     """
     base = (samples @ down.T).pow(2).sum(-1)  # ‖latent‖² per sample token
     deficit = (base.mean() - base).clamp_min(0)
-    gram = samples.T @ samples
     ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     chol = torch.linalg.cholesky(gram + ridge)
     weighted = samples.T @ (deficit[:, None] * samples)
@@ -165,7 +168,8 @@ def _add_stabiliser(down, up, samples, extra):
     directions = torch.linalg.solve_triangular(chol.T, torch.linalg.eigh(whitened).eigenvectors[:, -extra:],
                                                upper=True)
     directions = directions / directions.norm(dim=0, keepdim=True)  # [hidden, extra]
-    # min over weights ≥ 0 and the level T of Σ_t (base_t + Σ_j weight_j (a_j·x_t)² − T)²
+    # least squares over the weights and the level T of Σ_t (base_t + Σ_j weight_j (a_j·x_t)² − T)², negative
+    # weights then set to 0
     energy = (samples @ directions).pow(2)
     system = torch.cat([energy, -torch.ones_like(base)[:, None]], dim=1)
     weights = torch.linalg.lstsq(system, -base[:, None]).solution[:extra, 0].clamp_min(0)
@@ -256,7 +260,7 @@ def export_deepseek(source: HfExtForCausalLM, rank: int, rope_dim: int, samples:
     state_dict["lm_head.weight"] = source.get_output_embeddings().weight.detach().clone()  # untied
     for index, layer in enumerate(source.model.layers):
         input_norm = layer.input_layernorm.weight.detach().double()
-        x = None if samples is None else samples[index]
+        x = None if samples is None else samples[index].double()
         gram = None if x is None else x.T @ x
         # E[x xᵀ] of the attention inputs; without data, x = w_in ⊙ n with an isotropic n of RMS 1.
         covariance = torch.diag(input_norm**2) if x is None else gram / len(x)
