@@ -84,8 +84,18 @@ def _convert(args) -> int:
     if args.calibration_file and not args.to_mla:
         print("error: --calibration-file applies to --to-mla", file=sys.stderr)
         return 2
+    if args.calibration_tokens is not None and (not args.calibration_file or args.calibration_tokens < CALIBRATION_BLOCK):
+        print(f"error: --calibration-tokens needs --calibration-file and at least {CALIBRATION_BLOCK} tokens",
+              file=sys.stderr)
+        return 2
     if args.to_mla:
-        calibration = _calibration_ids(args, kwargs) if args.calibration_file else None
+        calibration = None
+        if args.calibration_file:
+            calibration = _calibration_ids(args.source, args.calibration_file, args.calibration_tokens or 2048, kwargs)
+            if calibration is None:
+                print(f"error: --calibration-file {args.calibration_file} has fewer than {CALIBRATION_BLOCK} tokens",
+                      file=sys.stderr)
+                return 2
         model = hf_ext.convert.to_mla(args.source, kv_lora_rank=args.kv_lora_rank,
                                       qk_rope_head_dim=args.qk_rope_head_dim, calibration_input_ids=calibration,
                                       output_format=args.format, **kwargs)
@@ -112,17 +122,16 @@ def _convert(args) -> int:
 CALIBRATION_BLOCK = 256  # tokens per calibration sequence
 
 
-def _calibration_ids(args, kwargs):
-    """The first --calibration-tokens tokens of --calibration-file, as [blocks, 256] ids for to_mla."""
+def _calibration_ids(source, path, tokens: int, kwargs):
+    """The first `tokens` tokens of the text file `path` as [blocks, 256] ids for to_mla (None if under 256)."""
     import torch
     from transformers import AutoTokenizer
 
-    text = Path(args.calibration_file).read_text(encoding="utf-8", errors="replace")
-    ids = AutoTokenizer.from_pretrained(args.source, **kwargs)(text)["input_ids"][: args.calibration_tokens]
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    ids = AutoTokenizer.from_pretrained(source, **kwargs)(text)["input_ids"][:tokens]
     blocks = len(ids) // CALIBRATION_BLOCK
     if blocks == 0:
-        raise SystemExit(f"error: --calibration-file {args.calibration_file} has {len(ids)} tokens; at least "
-                         f"{CALIBRATION_BLOCK} are needed")
+        return None
     return torch.tensor(ids[: blocks * CALIBRATION_BLOCK]).view(blocks, CALIBRATION_BLOCK)
 
 
@@ -179,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "transformers' DeepseekV3ForCausalLM and DeepSeek-serving engines load")
     convert.add_argument("--calibration-file", help="with --to-mla: a text file whose tokens calibrate the "
                                                     "factorisation (strongly advised with --format deepseek)")
-    convert.add_argument("--calibration-tokens", type=int, default=2048,
-                         help="with --calibration-file: how many of its first tokens to use (default 2048)")
+    convert.add_argument("--calibration-tokens", type=int,
+                         help="with --calibration-file: how many of its first tokens to use (default 2048, at least "
+                              f"{CALIBRATION_BLOCK})")
     convert.set_defaults(handler=_convert)
     return parser
 

@@ -32,16 +32,16 @@ The result is a `DeepseekV3ForCausalLM` with dense MLPs in every layer (`first_k
 num_hidden_layers`), untied embeddings and no attention biases, which transformers loads with its own classes.
 """
 
-import warnings
-
+import copy
 import math
+import warnings
 
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from ..models.hfext import HfExtConfig, HfExtForCausalLM
 from ..models.hfext.configuration_hfext import _describe
-from .mla import _factor, _rotary_rows
+from .mla import _factor, _rotary_rows, for_each_attention_input
 
 # Latent rows that only even out the latent's norm over tokens (see `_add_stabiliser`); more did not help on SmolLM2.
 STABILISER_ROWS = 1
@@ -51,6 +51,10 @@ EXPORTABLE_ROPE_TYPES = ("default", "linear", "llama3")  # their tables depend o
 def check_exportable(config: HfExtConfig) -> None:
     """Refuse, naming the setting, a GQA model whose layers DeepSeek-V3's classes cannot express."""
     problems = []
+    if config.qk_norm:
+        problems.append("per-head query/key RMSNorm (qk_norm=True, Qwen3), which no latent can carry")
+    if config.image_patch_size is not None:
+        problems.append("image inputs (image_patch_size is set)")
     if config.attention_bias or config.attention_output_bias:
         problems.append("attention biases (attention_bias=True, e.g. Qwen2): DeepSeek-V3's q_proj has none")
     if config.mlp_bias:
@@ -63,9 +67,11 @@ def check_exportable(config: HfExtConfig) -> None:
         problems.append("log-n scaling or ReRoPE, which DeepSeek-V3's attention does not implement")
     if config.position_layout != "flatten":
         problems.append(f"position_layout={config.position_layout!r} (multimodal positions)")
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in EXPORTABLE_ROPE_TYPES:
-        problems.append(f"rope_type={rope_type!r}; exportable rope types are {list(EXPORTABLE_ROPE_TYPES)}")
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") not in EXPORTABLE_ROPE_TYPES:
+        problems.append(f"rope_type={rope.get('rope_type')!r}; exportable rope types are {list(EXPORTABLE_ROPE_TYPES)}")
+    if (rope.get("partial_rotary_factor") or 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (only full rotary heads)")
     if problems:
         raise ValueError("to_mla(output_format='deepseek') cannot express this model in DeepSeek-V3's format: "
                          + "; ".join(problems) + ". Use output_format='hfext' instead.")
@@ -101,20 +107,7 @@ def layer_input_samples(model: HfExtForCausalLM, input_ids: torch.Tensor) -> lis
     """Per layer, the attention inputs X [tokens, hidden] over `input_ids`, in float32: tokens · hidden · 4 bytes per
     layer (the stabiliser fit needs each token, not only XᵀX)."""
     samples = [None] * len(model.model.layers)
-
-    def hook(index):
-        def record(module, args, kwargs):
-            samples[index] = kwargs["hidden_states"].detach().reshape(-1, kwargs["hidden_states"].shape[-1]).float()
-        return record
-
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for_each_attention_input(model, input_ids, lambda index, x: samples.__setitem__(index, x.float()))
     return samples
 
 
@@ -124,8 +117,9 @@ def _shared_key_mixing(rotary_keys: torch.Tensor, covariance: torch.Tensor) -> t
     z = torch.complex(rotary_keys[:, 0], rotary_keys[:, 1]).permute(1, 0, 2)  # [F, n_kv, hidden]
     energy = torch.einsum("fgh,hk,fjk->fgj", z, covariance.to(z.dtype), z.conj())  # E[z_g conj(z_j)]
     u = torch.linalg.eigh(energy).eigenvectors[..., -1]
-    phase = u.sum(-1, keepdim=True)  # a fixed global phase, for reproducibility
-    return u * (phase.conj() / phase.abs().clamp_min(1e-300))
+    # A fixed global phase, for reproducibility: the largest entry made real and positive (never zero for a unit u).
+    largest = u.gather(-1, u.abs().argmax(-1, keepdim=True))
+    return u * (largest.conj() / largest.abs())
 
 
 def _latent(stacked: torch.Tensor, rank: int, input_norm: torch.Tensor, gram, covariance: torch.Tensor,
@@ -153,8 +147,8 @@ def _add_stabiliser(down, up, samples, gram, extra):
     out the latent's norm over tokens.
 
     The latent RMSNorm divides each token by the RMS of its latent. Tokens whose hidden state lies mostly outside
-    the latent's subspace (on SmolLM2 the first token of every sequence, the attention sink, at 0.2-0.45 of the
-    others' RMS) would come out several times too large and derail the attention. The added rows point where those
+    the latent's subspace (on SmolLM2 the first token of every sequence, the attention sink: under half the others'
+    RMS in 19 of 30 layers, down to 0.17) would come out several times too large and derail the attention. The added rows point where those
     tokens have much energy and the others little (the top generalised eigenvectors of (Σ_t deficit_t x_t x_tᵀ,
     Σ_t x_t x_tᵀ)), weighted by least squares so that ‖latent‖² is as even as possible over the samples.
     """
@@ -175,6 +169,12 @@ def _add_stabiliser(down, up, samples, gram, extra):
     weights = torch.linalg.lstsq(system, -base[:, None]).solution[:extra, 0].clamp_min(0)
     rows = weights.sqrt()[:, None] * directions.T
     return torch.cat([down, rows]), torch.cat([up, up.new_zeros(up.shape[0], extra)], dim=1)
+
+
+def nope_width(config: HfExtConfig, rope_dim: int) -> int:
+    """qk_nope_head_dim of the export: the source's unrotated dims, plus the leftover rotary ones when the shared
+    key leaves some (more than one KV head)."""
+    return config.head_dim - rope_dim + (rope_dim if config.num_key_value_heads > 1 else 0)
 
 
 def export_layer(attn, input_norm: torch.Tensor, config: HfExtConfig, rank: int, rope_dim: int, gram,
@@ -209,7 +209,7 @@ def export_layer(attn, input_norm: torch.Tensor, config: HfExtConfig, rank: int,
         query_nope.append(wq[:, rope_rows])
     key_nope, query_nope = torch.cat(key_nope, dim=1), torch.cat(query_nope, dim=1)
     query_rope = interleaved(q)
-    d_nope = key_nope.shape[1]
+    d_nope = nope_width(config, rope_dim)
     # DeepSeek divides scores by √(d_nope + rope_dim); the source by √head_dim.
     query = torch.cat([query_nope, query_rope], dim=1) * math.sqrt((d_nope + rope_dim) / d)
 
@@ -229,7 +229,6 @@ def export_layer(attn, input_norm: torch.Tensor, config: HfExtConfig, rank: int,
 def deepseek_config(config: HfExtConfig, rank: int, rope_dim: int) -> DeepseekV3Config:
     """The DeepSeek-V3 configuration of the export: every layer dense, one head per key/value (MLA)."""
     d, n = config.head_dim, config.num_hidden_layers
-    d_nope = d - rope_dim + (rope_dim if config.num_key_value_heads > 1 else 0)
     rope_parameters = dict(config.rope_parameters)
     # A table of width rope_dim with this base has the source's first rope_dim / 2 frequencies θ^(-2i/d).
     rope_parameters["rope_theta"] = float(rope_parameters["rope_theta"]) ** (rope_dim / d)
@@ -237,7 +236,7 @@ def deepseek_config(config: HfExtConfig, rank: int, rope_dim: int) -> DeepseekV3
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=n, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, first_k_dense_replace=n,
-        kv_lora_rank=rank, q_lora_rank=None, qk_nope_head_dim=d_nope, qk_rope_head_dim=rope_dim, v_head_dim=d,
+        kv_lora_rank=rank, q_lora_rank=None, qk_nope_head_dim=nope_width(config, rope_dim), qk_rope_head_dim=rope_dim, v_head_dim=d,
         hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
         initializer_range=config.initializer_range, rms_norm_eps=config.rms_norm_eps,
         pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -246,15 +245,21 @@ def deepseek_config(config: HfExtConfig, rank: int, rope_dim: int) -> DeepseekV3
     )
 
 
-def export_deepseek(source: HfExtForCausalLM, rank: int, rope_dim: int, samples: list | None
+def export_deepseek(source: HfExtForCausalLM, kv_lora_rank, qk_rope_head_dim, calibration_input_ids
                     ) -> DeepseekV3ForCausalLM:
-    """The `DeepseekV3ForCausalLM` of a GQA `HfExtForCausalLM` (left intact); `samples[i]` holds layer i's
-    attention inputs over the calibration tokens, or is None."""
+    """`to_mla(source, ..., output_format="deepseek")` for a GQA `HfExtForCausalLM` (left intact)."""
     config = source.config
-    if samples is None and (config.num_key_value_heads > 1 or rank != config.hidden_size):
+    check_exportable(config)
+    rank, rope_dim = deepseek_settings(config, kv_lora_rank, qk_rope_head_dim)
+    if calibration_input_ids is None and (config.num_key_value_heads > 1 or rank != config.hidden_size):
         warnings.warn("to_mla(output_format='deepseek') without calibration_input_ids fits the shared rotary key and "
                       "the latent norm blind (isotropic inputs assumed); pass a few hundred tokens of real text as "
                       "calibration_input_ids, or expect a much larger loss.", UserWarning, stacklevel=3)
+    if (config.rope_parameters or {}).get("rope_type", "default") != "default":
+        warnings.warn("DeepSeek-V3 exports with rope scaling are exact in transformers, but vLLM and SGLang read any "
+                      "DeepSeek rope scaling as YaRN, so there the rotary frequencies would differ.", UserWarning,
+                      stacklevel=3)
+    samples = None if calibration_input_ids is None else layer_input_samples(source, calibration_input_ids)
     dtype, device = next(source.parameters()).dtype, next(source.parameters()).device
     state_dict = {name: tensor.clone() for name, tensor in source.state_dict().items() if ".self_attn." not in name}
     state_dict["lm_head.weight"] = source.get_output_embeddings().weight.detach().clone()  # untied
@@ -278,7 +283,7 @@ def export_deepseek(source: HfExtForCausalLM, rank: int, rope_dim: int, samples:
                          f"unexpected {sorted(unexpected)}.")
     # The rotary tables are non-persistent buffers, still on meta: compute them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(new_config).to(device)
-    model.generation_config = source.generation_config
+    model.generation_config = copy.deepcopy(source.generation_config)
     model.set_attn_implementation(source.config._attn_implementation or "sdpa")
     return model.eval()
 

@@ -67,16 +67,12 @@ def _rotary_rows(head_dim: int, qk_rope_head_dim: int) -> tuple[torch.Tensor, to
     return rope, torch.arange(head_dim)[~is_rope]
 
 
-def _layer_inputs_gram(model: HfExtForCausalLM, input_ids: torch.Tensor, with_bias: bool) -> list[torch.Tensor]:
-    """Per layer, XᵀX (float64) of the attention inputs X over `input_ids`, with a column of ones if biased."""
-    grams = [None] * len(model.model.layers)
-
+def for_each_attention_input(model: HfExtForCausalLM, input_ids: torch.Tensor, consume) -> None:
+    """One no-grad forward pass over `input_ids`, calling `consume(layer_index, x)` with every layer's attention
+    input x [tokens, hidden]."""
     def hook(index):
         def record(module, args, kwargs):
-            x = kwargs["hidden_states"].detach().reshape(-1, kwargs["hidden_states"].shape[-1]).double()
-            if with_bias:
-                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-            grams[index] = x.T @ x + (0 if grams[index] is None else grams[index])
+            consume(index, kwargs["hidden_states"].detach().reshape(-1, kwargs["hidden_states"].shape[-1]))
         return record
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
@@ -87,6 +83,19 @@ def _layer_inputs_gram(model: HfExtForCausalLM, input_ids: torch.Tensor, with_bi
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _layer_inputs_gram(model: HfExtForCausalLM, input_ids: torch.Tensor, with_bias: bool) -> list[torch.Tensor]:
+    """Per layer, XᵀX (float64) of the attention inputs X over `input_ids`, with a column of ones if biased."""
+    grams = [None] * len(model.model.layers)
+
+    def accumulate(index, x):
+        x = x.double()
+        if with_bias:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        grams[index] = x.T @ x + (0 if grams[index] is None else grams[index])
+
+    for_each_attention_input(model, input_ids, accumulate)
     return grams
 
 
@@ -100,7 +109,7 @@ def _factor(stacked: torch.Tensor, rank: int, gram: torch.Tensor | None) -> tupl
         return u[:, :rank], s[:rank, None] * vh[:rank]
     # Cholesky of XᵀX with a small ridge (directions the data never uses must not blow up the inverse).
     ridge = 1e-6 * gram.diagonal().mean()
-    chol = torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
+    chol = torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
     u, s, vh = torch.linalg.svd(stacked @ chol, full_matrices=False)
     # down · L = S_k V_kᵀ, so that up · down · L is the best rank-k approximation of stacked · L.
     down = torch.linalg.solve_triangular(chol, s[:rank, None] * vh[:rank], upper=False, left=False)
@@ -155,7 +164,8 @@ def to_mla(
     output_format: str = "hfext",
     **from_pretrained_kwargs,
 ) -> HfExtForCausalLM | DeepseekV3ForCausalLM:
-    """Convert a grouped-query-attention causal LM into an `HfExtForCausalLM` whose every layer is MLA.
+    """Convert a grouped-query-attention causal LM into MLA: an `HfExtForCausalLM` whose every layer is MLA, or a
+    DeepSeek-V3 checkpoint (`output_format="deepseek"`).
 
     Args:
         model_or_path: a Llama-family model (Llama, SmolLM, Mistral, Qwen2), an `HfExtForCausalLM` with GQA layers,
@@ -163,17 +173,22 @@ def to_mla(
             is not modified.
         kv_lora_rank: width of the cached latent that factors the nope keys and values of each layer. Defaults to
             n_kv · (2·head_dim − qk_rope_head_dim) capped at hidden_size (no truncation).
-        qk_rope_head_dim: rotary dimensions kept per head (even, ≤ head_dim; the highest frequencies are kept).
-            Defaults to head_dim: every dimension keeps its rotation.
+        qk_rope_head_dim: rotary dimensions kept per head (even, ≤ head_dim; the highest frequencies are kept), or
+            with `output_format="deepseek"` the width of the one shared rotary key (even, 2..head_dim). Defaults
+            to head_dim: every kept frequency keeps its rotation.
         calibration_input_ids: token ids [batch, seq] whose attention inputs weight the factorisation (activation-
-            aware); without them the factorisation is a plain SVD of the weights.
+            aware); without them the factorisation is a plain SVD of the weights. With `output_format="deepseek"`
+            they also fit the shared rotary key and the latent norm, and are strongly advised.
         output_format: `"hfext"` (default) or `"deepseek"`. `"deepseek"` writes DeepSeek-V3's layout, which
-            transformers' `DeepseekV3ForCausalLM` and the serving engines with DeepSeek MLA kernels load as it is:
+            transformers' `DeepseekV3ForCausalLM` loads as it is (the layout DeepSeek-serving engines read):
             one rotary key shared by all heads, an RMSNorm on the latent, interleaved rotary pairs, dense MLPs,
             untied embeddings. The shared key and the latent norm are approximations unless the source has one KV
             head and `kv_lora_rank = hidden_size` (see `hf_ext.convert.deepseek_export`); the cache holds
-            `kv_lora_rank + qk_rope_head_dim` elements per token and layer, and `kv_lora_rank` defaults to
-            2·n_kv·head_dim − qk_rope_head_dim (capped at hidden_size), the cache size of the source.
+            `kv_lora_rank + qk_rope_head_dim` elements per token and layer. `kv_lora_rank` defaults to
+            2·n_kv·head_dim − qk_rope_head_dim (capped at hidden_size), the size of the source's cache with the
+            default `qk_rope_head_dim`; with calibration one of its rows evens out the latent norm and carries no key
+            or value. Rope scaling (linear, llama3) is exact in transformers but read as YaRN by vLLM and SGLang:
+            a warning says so.
 
     Returns:
         With `output_format="hfext"`, an `HfExtForCausalLM` in eval mode with the source's dtype and device. With
@@ -204,15 +219,10 @@ def to_mla(
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"`output_format` must be one of {list(OUTPUT_FORMATS)}, got {_describe(output_format)}.")
     if output_format == "deepseek":
-        from .deepseek_export import check_exportable, deepseek_settings, export_deepseek, layer_input_samples  # it imports this module
+        from .deepseek_export import export_deepseek  # it imports this module
 
-        check_exportable(config)
-        rank, rope_dim = deepseek_settings(config, kv_lora_rank, qk_rope_head_dim)
-    else:
-        rank, rope_dim = _check_settings(config, kv_lora_rank, qk_rope_head_dim)
-    if output_format == "deepseek":
-        samples = None if calibration_input_ids is None else layer_input_samples(source, calibration_input_ids)
-        return export_deepseek(source, rank, rope_dim, samples)
+        return export_deepseek(source, kv_lora_rank, qk_rope_head_dim, calibration_input_ids)
+    rank, rope_dim = _check_settings(config, kv_lora_rank, qk_rope_head_dim)
     grams = [None] * config.num_hidden_layers
     if calibration_input_ids is not None:
         grams = _layer_inputs_gram(source, calibration_input_ids, with_bias=config.attention_bias)
