@@ -62,6 +62,7 @@ def logits(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("rope_parameters", [None, LLAMA3], ids=["default_rope", "llama3_rope"])
 def test_exact_setting_reproduces_the_source_in_transformers_own_class(rope_parameters):
     # One KV head (nothing left over by the shared rotary key) and kv_lora_rank = hidden_size (the latent is the
@@ -142,6 +143,7 @@ def test_saved_export_is_a_plain_deepseek_v3_checkpoint(tmp_path):
     assert done.stdout.strip() == "DeepseekV3ForCausalLM"
 
 
+@pytest.mark.smoke
 def test_hfext_twin_equals_the_export_in_prefill_and_absorbed_decoding():
     source = llama(num_key_value_heads=2, rms_norm_eps=1e-5)
     export = hf_ext.convert.to_mla(source, output_format="deepseek", kv_lora_rank=20, qk_rope_head_dim=8,
