@@ -1,8 +1,8 @@
 """LoRA-GA initialisation on SmolLM2-135M, all-linear targets: extra peak memory of hf_ext's `get_lora_ga_model` vs
 PEFT 0.21's built-in `preprocess_loraga` + `get_peft_model` (fp32, CPU).
 
-hf_ext never forms a weight gradient (a randomized SVD streamed from each target's inputs and output gradients, 10
-forward/backward passes over the batches); PEFT holds the full gradient of every target until `get_peft_model` has
+hf_ext never forms a weight gradient (a randomized sketch streamed from each target's inputs and output gradients:
+by default one forward/backward pass over the batches); PEFT holds the full gradient of every target until `get_peft_model` has
 taken each one's SVD. Measured: the peak RSS growth of the whole initialisation call of a fresh copy of the model
 (median of ``memory_repeats`` calls per side, alternating order) and its wall time (informational). Goal:
 ``memory_ratio = PEFT peak / hf_ext peak >= 2.0``. ``tables.target_gradients_bytes`` is what PEFT holds at its peak
@@ -42,7 +42,7 @@ ADAPTER = "default"
 FULL = {
     "model": "smollm2-135m", "rank": 8, "lora_alpha": 16, "target_modules": "all-linear",
     "direction": "ArB2r", "scale": "stable", "stable_gamma": 16,
-    "power_iterations": 1,  # get_lora_ga_model's default
+    "power_iterations": None,  # get_lora_ga_model's default: the one-pass sketch (an int: the range finder)
     "batches": 4, "batch_size": 2, "sequence_length": 256, "memory_repeats": 3, "seed": 0,
 }
 # A tiny random Llama with random tokens: the same code path in seconds (a smoke test, not a measurement).
@@ -188,7 +188,7 @@ def run(settings: dict, quick: bool = False) -> dict:
         "parameters": sum(p.numel() for p in reference.parameters()),
         "tokens_per_batch": settings["batch_size"] * settings["sequence_length"],
         "target_layers": len(names),
-        "candidate_gradient_passes": 2 + 2 * settings["power_iterations"],
+        "candidate_gradient_passes": 1 if settings["power_iterations"] is None else 2 + 2 * settings["power_iterations"],
         "peer_gradient_passes": 1,
         "peer_target_modules": "PEFT's _maybe_include_all_linear_layers expansion of 'all-linear' (preprocess_loraga "
                                "does not expand it itself)",

@@ -108,6 +108,41 @@ def test_streamed_singular_vectors_equal_svd_lowrank_of_the_explicit_gradient():
         assert_same_up_to_sign(ours_v[:, :4], v[:, :4], dim=1, atol=1e-4)
 
 
+def single_pass_sketch_of(gradient: torch.Tensor, k: int, seed: int):
+    """Tropp et al. (2017)'s one-pass two-sided sketch of an explicit matrix, written out in float64 from the paper:
+    Y = TΩ, W = ΨT, Q = orth(Y), X = (ΨQ)⁺W, T ≈ QX; T is the tall orientation, Ω and Ψ drawn in that order."""
+    transposed = gradient.shape[0] < gradient.shape[1]
+    tall = (gradient.T if transposed else gradient).double()
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(tall.shape[1], k, generator=generator, dtype=gradient.dtype).double()
+    psi = torch.randn(min(2 * k + 1, tall.shape[0]), tall.shape[0], generator=generator, dtype=gradient.dtype).double()
+    basis = torch.linalg.qr(tall @ omega).Q
+    core = torch.linalg.pinv(psi @ basis) @ (psi @ tall)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    left, right = basis @ u, vh.T
+    return (right, s, left) if transposed else (left, s, right)
+
+
+def test_one_pass_sketch_equals_the_papers_sketch_of_the_explicit_gradient():
+    # k = 12 of 32/64 columns: a genuine sketch, on a transposed (k_proj 32×64), a square and a tall (gate 128×64) layer
+    model, batches = tiny_llama(hidden=64, intermediate=128), token_batches()
+    names = ["model.layers.1.self_attn.k_proj", "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj"]
+    modules = dict(model.named_modules())
+    grads = mean_gradients(copy.deepcopy(model), batches, names)
+    vectors = gradient_singular_vectors(model, {n: modules[n] for n in names}, batches, default_loss,
+                                        q={n: 12 for n in names}, power_iterations=None, seed=7, show_progress=False)
+    for name in names:
+        u, s, v = single_pass_sketch_of(grads[name], 12, seed=7)
+        ours_u, ours_s, ours_v = vectors[name]
+        assert ours_u.shape == (grads[name].shape[0], 12) and ours_v.shape == (grads[name].shape[1], 12)
+        torch.testing.assert_close(ours_s.double(), s, rtol=1e-4, atol=1e-8)
+        assert_same_up_to_sign(ours_u[:, :4].double(), u[:, :4], dim=1, atol=1e-4)
+        assert_same_up_to_sign(ours_v[:, :4].double(), v[:, :4], dim=1, atol=1e-4)
+    # the sketch is not the exact SVD at this width (the test above would pass for any exact method)
+    exact_s = torch.linalg.svdvals(grads[names[2]].double())
+    assert (vectors[names[2]][1][:12].double() - exact_s[:12]).abs().max() > 1e-4 * exact_s[0]
+
+
 def test_recomputed_decoder_layers_give_the_same_vectors_and_the_model_back_as_it_was():
     """Each decoder layer is re-run during backward (its first run keeps nothing), the cache is off meanwhile, and
     the singular vectors equal those of the run that keeps every activation."""
@@ -310,6 +345,9 @@ def test_bad_arguments_are_refused():
         get_lora_ga_model(model, config, token_batches(), num_gradient_batches=0)
     with pytest.raises(ValueError, match="direction"):
         get_lora_ga_model(model, config, token_batches(), direction="BrA2r")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"power_iterations must be None \(one pass, the default\) or an int"):
+            get_lora_ga_model(model, config, token_batches(), power_iterations=bad)
     with pytest.raises(ValueError, match="no batches"):
         get_lora_ga_model(model, config, [])
     with pytest.raises(ValueError, match="returned no loss"):

@@ -1,5 +1,6 @@
-"""How close LoRA-GA's streamed randomized SVD (default: one power iteration, 4 passes) comes to the exact singular
-subspaces of the explicit mean gradient, on the real SmolLM2-135M and English text.
+"""How close LoRA-GA's streamed randomized SVDs (the default one-pass sketch of width 32r, and the range finder with
+one power iteration, 4 passes) come to the exact singular subspaces of the explicit mean gradient, on the real
+SmolLM2-135M and English text.
 
 The factors use the top-r right singular vectors (A) and the left ones r+1..2r (B, direction "ArB2r"), so those two
 subspaces are compared, as the mean squared cosine of their principal angles (1: the same subspace).
@@ -11,6 +12,7 @@ import torch
 from benchmarks.tasks.assets import load_smollm2
 from benchmarks.tasks.finetuning_data import tutorial_batches
 from hf_ext.peft.gradient_sketch import default_loss, gradient_singular_vectors, model_loss_for
+from hf_ext.peft.lora_ga import RANGE_FINDER_WIDTH, SINGLE_PASS_WIDTH
 
 RANK = 8
 CHECKED = [f"model.layers.{i}.{name}" for i in (0, 15, 29)
@@ -42,13 +44,15 @@ def model_batches_and_exact_vectors():
     return model, batches, exact
 
 
-@pytest.mark.parametrize("power_iterations, a_bound, b_bound", [(1, 0.97, 0.8)])
-def test_streamed_subspaces_are_close_to_the_exact_svd(model_batches_and_exact_vectors, power_iterations, a_bound,
-                                                       b_bound):
+@pytest.mark.parametrize("power_iterations, width, a_bound, b_bound",
+                         [(None, SINGLE_PASS_WIDTH, 0.97, 0.8), (1, RANGE_FINDER_WIDTH, 0.97, 0.8)])
+def test_streamed_subspaces_are_close_to_the_exact_svd(model_batches_and_exact_vectors, power_iterations, width,
+                                                       a_bound, b_bound):
     model, batches, exact = model_batches_and_exact_vectors
     modules = dict(model.named_modules())
     vectors = gradient_singular_vectors(model, {name: modules[name] for name in CHECKED}, batches,
-                                        model_loss_for(model), q={name: 4 * RANK for name in CHECKED},
+                                        model_loss_for(model),
+                                        q={name: min(width * RANK, *modules[name].weight.shape) for name in CHECKED},
                                         power_iterations=power_iterations, seed=0, show_progress=False)
     a_overlaps, b_overlaps = [], []
     for name in CHECKED:

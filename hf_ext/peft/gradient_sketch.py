@@ -6,6 +6,8 @@ hook on the output. `torch.svd_lowrank`'s randomized range finder only ever need
 here as passes over the same batches: one pass per multiplication, all layers at once, each layer holding only
 [dim, q] matrices. The result equals `torch.svd_lowrank(G, q, niter)` of the explicit mean gradient (same random
 test matrix, up to float rounding; tested), the computation PEFT's built-in and the paper's code do on a resident G.
+A two-sided sketch (`_LayerSinglePassSketch`) needs only products with fixed test matrices, G·Ω and Ψ·G, so it takes
+one pass; it trades a wider sketch for the passes of the power iterations.
 Quantized (bitsandbytes) layers work the same way: their weights never need a gradient.
 """
 
@@ -80,6 +82,74 @@ class _LayerRangeFinder:
         if self.transposed:
             left, right = right, left
         return left, singular_values, right
+
+
+class _LayerSinglePassSketch:
+    """A one-pass two-sided sketch of one layer's gradient (Tropp, Yurtsever, Udell & Cevher 2017, "Practical
+    sketching algorithms for low-rank matrix approximation", SIAM J. Matrix Anal. Appl. 38(4), §4).
+
+    In the tall orientation T [long, short] (G, or Gᵀ when out < in), with Gaussian test matrices Ω [short, k] and
+    Ψ [l, long], l = min(2k + 1, long): the range sketch Y = T·Ω [long, k] and the co-range sketch W = Ψ·T [l, short]
+    are both linear in T, so one pass over the batches accumulates both. Then Q = orth(Y), X = argmin ‖(Ψ·Q)·X − W‖
+    [k, short], T ≈ Q·X, and the SVD of the small X gives T's. Its accuracy is that of a range finder without power
+    iterations on a k-column sketch, so k is several times the 2r vectors that LoRA-GA keeps (see get_lora_ga_model).
+    The co-range sketch sits on the short side, so the memory is k·long + l·short per layer (Ψ and Ω are shared by
+    the layers of one shape: a layer's guarantee needs its own matrices to be random, not different from others').
+    """
+
+    def __init__(self, out_features: int, in_features: int, k: int, seed: int, test_matrices: dict):
+        self.transposed = out_features < in_features
+        self.long, self.short = max(out_features, in_features), min(out_features, in_features)
+        self.k, self.l = k, min(2 * k + 1, self.long)
+        self.seed, self.test_matrices = seed, test_matrices
+        self.range_sketch: torch.Tensor | None = None  # Y = T·Ω
+        self.corange_sketch: torch.Tensor | None = None  # W = Ψ·T
+
+    def _test_matrices(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.long, self.short, self.k, like.dtype, like.device)
+        if key not in self.test_matrices:
+            generator = torch.Generator().manual_seed(self.seed)  # drawn on the CPU: the same numbers on any device
+            omega = torch.randn(self.short, self.k, generator=generator, dtype=like.dtype)
+            psi = torch.randn(self.l, self.long, generator=generator, dtype=like.dtype)
+            self.test_matrices[key] = (omega.to(like.device), psi.to(like.device))
+        return self.test_matrices[key]
+
+    def accumulate(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
+        """Add one batch's T_b·Ω and Ψ·T_b, with T_b = longᵀ·short (G_b = δᵀX); inputs [T, in], grads [T, out]."""
+        long_side, short_side = (inputs, output_grads) if self.transposed else (output_grads, inputs)
+        omega, psi = self._test_matrices(inputs)
+        range_part = long_side.T @ (short_side @ omega)
+        corange_part = (long_side @ psi.T).T @ short_side
+        if self.range_sketch is None:
+            self.range_sketch, self.corange_sketch = range_part, corange_part
+        else:
+            self.range_sketch.add_(range_part)
+            self.corange_sketch.add_(corange_part)
+
+    def finish_pass(self, num_batches: int, final: bool, name: str = "", first: bool = False) -> None:
+        """Average both sketches over batches (and ranks); there is only this one pass."""
+        if self.range_sketch is None:
+            raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
+                               "inputs to the loss (check target_modules and the loss function)")
+        sketches = [self.range_sketch / num_batches, self.corange_sketch / num_batches]
+        if _is_distributed():
+            for sketch in sketches:
+                torch.distributed.all_reduce(sketch, op=torch.distributed.ReduceOp.SUM)
+                sketch /= torch.distributed.get_world_size()
+        _check_gradient_product(sketches[0], name)
+        self.range_sketch, self.corange_sketch = sketches
+
+    def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U [out, k], S [k], V [in, k]) with G ≈ U diag(S) Vᵀ; the small algebra runs in float64."""
+        dtype = self.range_sketch.dtype
+        omega, psi = self._test_matrices(self.range_sketch)
+        basis = torch.linalg.qr(self.range_sketch.double()).Q  # [long, k]
+        core = torch.linalg.lstsq(psi.double() @ basis, self.corange_sketch.double()).solution  # [k, short]
+        u_small, singular_values, vh = torch.linalg.svd(core, full_matrices=False)
+        left, right = basis @ u_small, vh.T
+        if self.transposed:
+            left, right = right, left
+        return left.to(dtype), singular_values.to(dtype), right.to(dtype)
 
 
 def _check_gradient_product(product: torch.Tensor, name: str) -> None:
@@ -201,7 +271,8 @@ def gradient_singular_vectors(
     loss_fn: Callable[[nn.Module, object], torch.Tensor],
     *,
     q: Mapping[str, int],
-    power_iterations: int = 4,
+    keep: Mapping[str, int] | None = None,
+    power_iterations: int | None = 4,
     seed: int = 0,
     show_progress: bool = True,
     recompute_blocks: bool = True,
@@ -209,19 +280,25 @@ def gradient_singular_vectors(
     """Per layer, (U, S, V) of the mean over ``batches`` of d loss_fn(model, batch) / d layer.weight.
 
     ``layers`` maps names to modules called as ``layer(x)`` with x [..., in] and output [..., out]; ``q`` gives the
-    number of singular triplets per layer. Runs 2 + 2·power_iterations passes over ``batches``, which must all see
-    the same function: call it with dropout off (eval mode). Under torch.distributed the products are averaged
+    number of singular triplets per layer. With an int ``power_iterations``, `torch.svd_lowrank`'s range finder runs
+    as 2 + 2·power_iterations passes over ``batches``, which must all see the same function: call it with dropout off
+    (eval mode). With ``power_iterations=None``, one pass builds a two-sided sketch of width q
+    (`_LayerSinglePassSketch`). ``keep`` (default: all q) is how many leading triplets to return per layer: each
+    layer's sketch is freed once its vectors are taken, so the peak holds the sketches or the results, not both. Under torch.distributed the products are averaged
     across ranks after each pass, so every rank gets the factors of the globally averaged gradient.
     ``recompute_blocks`` re-runs each repeated block (decoder layer) during backward instead of keeping its
     activations (`_recomputed_blocks`): the same numbers, about one block's activations instead of all of them, one
     more forward per pass.
     """
-    finders = {}
+    finders, test_matrices = {}, {}
     for name, layer in layers.items():
         out_features, in_features = _layer_shape(layer)
-        finders[name] = _LayerRangeFinder(out_features, in_features, q[name], seed)
+        if power_iterations is None:
+            finders[name] = _LayerSinglePassSketch(out_features, in_features, q[name], seed, test_matrices)
+        else:
+            finders[name] = _LayerRangeFinder(out_features, in_features, q[name], seed)
     # svd_lowrank's products: T·R, then (Tᵀ·Q, T·Q) per power iteration, then Tᵀ·Q for the final small SVD
-    num_passes = 2 + 2 * power_iterations
+    num_passes = 1 if power_iterations is None else 2 + 2 * power_iterations
     is_main = not _is_distributed() or torch.distributed.get_rank() == 0
     progress = tqdm(total=num_passes * len(batches), desc="LoRA-GA gradient passes",
                     disable=not (show_progress and is_main))
@@ -240,7 +317,19 @@ def gradient_singular_vectors(
                                        first=pass_index == 0)
     finally:
         progress.close()
-    return {name: finder.singular_vectors() for name, finder in finders.items()}
+    vectors = {}
+    for name in list(finders):
+        count = keep[name] if keep is not None else q[name]
+        # copies, so that neither the sketch nor the full-width factors outlive this layer
+        vectors[name] = tuple(t[..., :count].clone(memory_format=torch.contiguous_format)
+                              for t in finders.pop(name).singular_vectors())
+    if _is_distributed():
+        # Every rank holds the same averaged products, but LAPACK may round the small factorisations differently
+        # from one process to the next (buffer alignment picks the code path); rank 0's result is sent to all.
+        for triple in vectors.values():
+            for tensor in triple:
+                torch.distributed.broadcast(tensor, src=0)
+    return vectors
 
 
 def _layer_shape(layer: nn.Module) -> tuple[int, int]:

@@ -155,6 +155,12 @@ def _check_targets(lora_layers: dict, adapter_name: str) -> None:
                              f"needs 2·r <= min(out_features, in_features)")
 
 
+# Sketch widths in multiples of the LoRA rank r. The range finder refines its q = 4r columns with power iterations;
+# the single pass cannot, so it oversamples more: at 32r its subspaces match one power iteration's (see the docstring).
+RANGE_FINDER_WIDTH = 4
+SINGLE_PASS_WIDTH = 32
+
+
 def get_lora_ga_model(
     model: nn.Module,
     lora_config: LoraConfig,
@@ -165,7 +171,7 @@ def get_lora_ga_model(
     direction: str = "ArB2r",
     scale: str = "stable",
     stable_gamma: float = 16.0,
-    power_iterations: int = 1,
+    power_iterations: int | None = None,
     seed: int = 0,
     adapter_name: str = "default",
     autocast_adapter_dtype: bool = True,
@@ -176,13 +182,15 @@ def get_lora_ga_model(
     """Wrap ``model`` in a PEFT LoRA model initialised by LoRA-GA (arXiv 2407.05000), base weights untouched.
 
     The mean gradient of the model's own loss (or ``loss_fn(model, batch)``) over the first ``num_gradient_batches``
-    batches of ``dataloader`` is reduced, target by target, to its top singular vectors with
-    `torch.svd_lowrank`'s algorithm (q = min(4r, out, in), ``power_iterations`` like its ``niter``; 2 + 2·niter passes
-    over the batches), computed from each layer's inputs and output gradients so that no weight gradient is ever
-    formed — quantized (bitsandbytes 4/8-bit) bases work, and the extra memory is a few [dim, 4r] matrices per layer.
-    The default, one power iteration (4 passes), recovers the top-r right singular subspace of SmolLM2-135M's
-    gradients to an overlap of at least 0.98 (tests/test_lora_ga_accuracy.py); PEFT's built-in uses 4 on its
-    resident gradient. Each decoder layer is re-run during backward instead of keeping its activations
+    batches of ``dataloader`` is reduced, target by target, to its top singular vectors, computed from each layer's
+    inputs and output gradients so that no weight gradient is ever formed — quantized (bitsandbytes 4/8-bit) bases
+    work. ``power_iterations=None`` (default): one pass over the batches builds a two-sided randomized sketch of each
+    gradient (Tropp et al. 2017) of width k = min(32r, out, in), about k·max(out, in) + 2k·min(out, in) numbers per
+    layer. An int: `torch.svd_lowrank`'s range finder (q = min(4r, out, in), ``power_iterations`` like its ``niter``)
+    in 2 + 2·niter passes, a few [dim, 4r] matrices per layer: less memory, more time; PEFT's built-in runs 4 on its
+    resident gradient. Against the exact SVD of SmolLM2-135M's gradients both the default and one power iteration
+    recover the top-r right singular subspace to an overlap of at least 0.97 and the left one of ranks r+1..2r to
+    at least 0.8 (tests/test_lora_ga_accuracy.py). Each decoder layer is re-run during backward instead of keeping its activations
     (``recompute_blocks``), and a Llama-style causal LM's loss is computed from the last hidden states in chunks,
     never as full logits (`gradient_sketch.chunked_causal_lm_loss`, the same cross-entropy): the peak memory is
     about one decoder layer's activations. Under torch.distributed every rank passes its own batches; the products
@@ -213,8 +221,10 @@ def get_lora_ga_model(
     check_lora_ga_options(direction, scale, stable_gamma)  # before the gradient passes, not after
     if not isinstance(num_gradient_batches, int) or num_gradient_batches < 1:
         raise ValueError(f"num_gradient_batches must be a positive int, got {num_gradient_batches!r}")
-    if not isinstance(power_iterations, int) or power_iterations < 0:
-        raise ValueError(f"power_iterations must be an int >= 0, got {power_iterations!r}")
+    if power_iterations is not None and (not isinstance(power_iterations, int) or isinstance(power_iterations, bool)
+                                         or power_iterations < 0):
+        raise ValueError(f"power_iterations must be None (one pass, the default) or an int >= 0, got "
+                         f"{power_iterations!r}")
     batches = take_batches(dataloader, num_gradient_batches)
 
     peft_model = get_peft_model(model, _doubled_rank_config(lora_config), adapter_name=adapter_name,
@@ -224,11 +234,14 @@ def get_lora_ga_model(
     try:
         _check_targets(lora_layers, adapter_name)
         base_layers = {name: layer.get_base_layer() for name, layer in lora_layers.items()}
-        q = {name: min(4 * _trainable_rank(layer, adapter_name), layer.in_features, layer.out_features)
+        ranks = {name: _trainable_rank(layer, adapter_name) for name, layer in lora_layers.items()}
+        width = SINGLE_PASS_WIDTH if power_iterations is None else RANGE_FINDER_WIDTH
+        q = {name: min(width * ranks[name], layer.in_features, layer.out_features)
              for name, layer in lora_layers.items()}
         with peft_model.disable_adapter(), _estimation_mode(peft_model):
             vectors = gradient_singular_vectors(peft_model, base_layers, batches, loss_fn or model_loss_for(model),
-                                                q=q, power_iterations=power_iterations, seed=seed,
+                                                q=q, keep={name: 2 * rank for name, rank in ranks.items()},
+                                                power_iterations=power_iterations, seed=seed,
                                                 show_progress=show_progress, recompute_blocks=recompute_blocks)
     except BaseException:
         peft_model.unload()  # give the caller's model back as it was: no LoRA layers left behind
