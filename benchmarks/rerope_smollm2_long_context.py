@@ -6,7 +6,8 @@ One loaded model (fp32, CPU), no fine-tuning, five methods: `plain` (the checkpo
 * **loss**: mean next-token cross-entropy (nats) of the last `loss_tail` tokens of a long Python-documentation file,
   fed the last L tokens of it; the scored tokens are the same at every L, so a good method's loss falls (or stays
   flat) as L grows and a broken one's rises.
-* **passkey**: a needle near the start of filler text, greedy answer at the end; accuracy per L.
+* **passkey**: a needle near the start of filler text, greedy answer at the end; accuracy per L with its 95 % Wilson
+  interval, also per depth.
 
 A method is not run where it computes exactly what `plain` does (listed in ``tables.same_as_plain``); a switching
 check verifies those equalities first. RESULTS.md rows: losses at the longest L, ratio = peer loss / ReRoPE loss
@@ -47,7 +48,12 @@ FULL = {
     "dynamic_factor": 2.0,  # transformers' dynamic NTK: base * (factor * L / N - factor + 1) ** (d / (d - 2))
     "switch_check_tokens": 256,
     "seed": 0,
+    "device": "auto",  # "auto": CUDA when available (the passkey statistics need it: minutes there, hours here)
 }
+# The issue's protocol for passkey statistics (20 trials per length and depth, 4k-16k), too slow for 2 CPU cores:
+# python -m benchmarks.rerope_smollm2_long_context --set 'passkey_lengths=[4096, 8192, 12288, 16384]' \
+#     --set passkey_trials=60 --set 'passkey_depths=[0.1, 0.5, 0.9]' --set 'loss_lengths=[4096, 8192, 12288, 16384]'
+
 QUICK = {
     **FULL,
     "loss_lengths": (128, 256),
@@ -83,7 +89,7 @@ def measure_losses(switch: MethodSwitch, documents, lengths, tail: int, methods=
                 values, times = [], []
                 switch.use(method, length)
                 for name, ids in documents:
-                    window = torch.tensor([ids[-length:]])
+                    window = torch.tensor([ids[-length:]], device=switch.model.device)
                     start = time.perf_counter()
                     values.append(tail_loss(switch.model, window, tail))
                     times.append(time.perf_counter() - start)
@@ -114,7 +120,7 @@ def measure_passkey(switch: MethodSwitch, tokenizer, lengths, trials: int, depth
             switch.use(method, length)
             answers, times = [], []
             for key, depth, prompt in prompts:
-                ids = torch.tensor([prompt])
+                ids = torch.tensor([prompt], device=switch.model.device)
                 start = time.perf_counter()
                 output = switch.model.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -127,9 +133,31 @@ def measure_passkey(switch: MethodSwitch, tokenizer, lengths, trials: int, depth
                      f"{'correct' if answers[-1]['correct'] else 'wrong'} ({times[-1]:.1f} s)")
             correct = sum(a["correct"] for a in answers)
             table[method][length] = {"accuracy": correct / len(answers), "correct": correct,
-                                     "trials": len(answers), "answers": answers}
+                                     "trials": len(answers), "interval_95": wilson_interval(correct, len(answers)),
+                                     "by_depth": accuracy_by_depth(answers), "answers": answers}
             seconds[method][length] = times
     return {"passkey": table, "seconds": seconds, "reused": reused}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[float]:
+    """The 95 % Wilson score interval of a binomial proportion (Wilson 1927): unlike p ± z·√(p(1−p)/n) it stays
+    inside [0, 1] and does not collapse to a point at 0 or n successes."""
+    if trials == 0:
+        return [0.0, 1.0]
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * ((p * (1 - p) + z * z / (4 * trials)) / trials) ** 0.5 / (1 + z * z / trials)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def accuracy_by_depth(answers: list[dict]) -> dict:
+    """{depth: {"correct", "trials", "interval_95"}} over the answers of one method and length."""
+    table = {}
+    for depth in sorted({a["depth"] for a in answers}):
+        marks = [a["correct"] for a in answers if a["depth"] == depth]
+        table[str(depth)] = {"correct": sum(marks), "trials": len(marks),
+                             "interval_95": wilson_interval(sum(marks), len(marks))}
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,10 +244,12 @@ def _markdown_tables(loss: dict, passkey: dict, tail: int, training_length: int)
              for method, by_length in loss.items()]
     tables.append("\n".join(rows))
     lengths = sorted(next(iter(passkey.values())))
-    rows = ["Passkey retrieval accuracy (needle near the start, question at the end):", "",
+    rows = ["Passkey retrieval accuracy (needle near the start, question at the end), correct / trials and the 95 % "
+            "Wilson interval:", "",
             "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    rows += [f"| {method} | " + " | ".join(f"{by_length[n]['accuracy']:.2f}" for n in lengths) + " |"
-             for method, by_length in passkey.items()]
+    rows += [f"| {method} | " + " | ".join(
+        f"{by_length[n]['correct']}/{by_length[n]['trials']} [{by_length[n]['interval_95'][0]:.2f}, "
+        f"{by_length[n]['interval_95'][1]:.2f}]" for n in lengths) + " |" for method, by_length in passkey.items()]
     tables.append("\n".join(rows))
     return tables
 
@@ -232,12 +262,16 @@ def run(settings: dict, quick: bool = False) -> dict:
     threads = configure_threads()
     torch.manual_seed(settings["seed"])
 
+    device = settings["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer()
+    model.to(device)
     checkpoint_training_length = model.config.max_position_embeddings
     training_length = settings["training_length"] or checkpoint_training_length
     window = settings["rerope_window"] or training_length // 4
     settings.update({
-        "model": smollm2_gguf_path().name, "dtype": "float32", "device": "cpu", "threads": threads,
+        "model": smollm2_gguf_path().name, "dtype": "float32", "device": device, "threads": threads,
         "checkpoint_max_position_embeddings": checkpoint_training_length,
         "checkpoint_rope_parameters": dict(model.config.rope_parameters),
         "training_length_used": training_length, "rerope_window_used": window,
@@ -253,7 +287,7 @@ def run(settings: dict, quick: bool = False) -> dict:
     longest = max(settings["loss_lengths"])
     documents = load_documents(tokenizer, settings["documents"], longest)
     with torch.no_grad():
-        check_ids = torch.tensor([documents[0][1][:settings["switch_check_tokens"]]])
+        check_ids = torch.tensor([documents[0][1][:settings["switch_check_tokens"]]], device=device)
         switch_checks = check_switching(switch, check_ids)
         log(f"switching check passed: {switch_checks}")
         losses = measure_losses(switch, documents, settings["loss_lengths"], settings["loss_tail"])

@@ -3,6 +3,8 @@
 
 import itertools
 
+import pytest
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,3 +64,21 @@ def test_passkey_prompt_has_the_exact_length_and_the_needle():
     needle = PASSKEY_NEEDLE.format(key=12345)
     filler_length = 600 - len(PASSKEY_INTRO) - len(needle) - len(PASSKEY_QUESTION)
     assert text.index(needle) == len(PASSKEY_INTRO) + int(0.1 * filler_length)
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 20), (7, 20), (20, 20), (1, 3), (59, 60)])
+def test_passkey_interval_is_scipys_wilson_interval(successes, trials):
+    from scipy.stats import binomtest
+
+    from benchmarks.rerope_smollm2_long_context import wilson_interval
+    reference = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(successes, trials)
+    assert low == pytest.approx(reference.low, abs=1e-6) and high == pytest.approx(reference.high, abs=1e-6)
+
+
+def test_passkey_accuracy_by_depth_counts_each_depth_apart():
+    from benchmarks.rerope_smollm2_long_context import accuracy_by_depth
+    answers = [{"depth": 0.1, "correct": True}, {"depth": 0.5, "correct": False}, {"depth": 0.1, "correct": False},
+               {"depth": 0.1, "correct": True}]
+    table = accuracy_by_depth(answers)
+    assert {depth: (row["correct"], row["trials"]) for depth, row in table.items()} == {"0.1": (2, 3), "0.5": (0, 1)}
