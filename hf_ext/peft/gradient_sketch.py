@@ -91,8 +91,8 @@ class _LayerSinglePassSketch:
     In the tall orientation T [long, short] (G, or Gᵀ when out < in), with Gaussian test matrices Ω [short, k] and
     Ψ [l, long], l = min(2k + 1, long): the range sketch Y = T·Ω [long, k] and the co-range sketch W = Ψ·T [l, short]
     are both linear in T, so one pass over the batches accumulates both. Then Q = orth(Y), X = argmin ‖(Ψ·Q)·X − W‖
-    [k, short], T ≈ Q·X, and the SVD of the small X gives T's. Its accuracy is that of a range finder without power
-    iterations on a k-column sketch, so k is several times the 2r vectors that LoRA-GA keeps (see get_lora_ga_model).
+    [k, short], T ≈ Q·X, and the SVD of the small X gives T's. Without power iterations to sharpen it, its accuracy
+    comes from width alone, so k is many times the 2r vectors that LoRA-GA keeps (see get_lora_ga_model).
     The co-range sketch sits on the short side, so the memory is k·long + l·short per layer (Ψ and Ω are shared by
     the layers of one shape: a layer's guarantee needs its own matrices to be random, not different from others').
     """
@@ -142,7 +142,7 @@ class _LayerSinglePassSketch:
     def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U [out, k], S [k], V [in, k]) with G ≈ U diag(S) Vᵀ; the small algebra runs in float64."""
         dtype = self.range_sketch.dtype
-        omega, psi = self._test_matrices(self.range_sketch)
+        _, psi = self._test_matrices(self.range_sketch)
         basis = torch.linalg.qr(self.range_sketch.double()).Q  # [long, k]
         core = torch.linalg.lstsq(psi.double() @ basis, self.corange_sketch.double()).solution  # [k, short]
         u_small, singular_values, vh = torch.linalg.svd(core, full_matrices=False)
@@ -284,8 +284,9 @@ def gradient_singular_vectors(
     as 2 + 2·power_iterations passes over ``batches``, which must all see the same function: call it with dropout off
     (eval mode). With ``power_iterations=None``, one pass builds a two-sided sketch of width q
     (`_LayerSinglePassSketch`). ``keep`` (default: all q) is how many leading triplets to return per layer: each
-    layer's sketch is freed once its vectors are taken, so the peak holds the sketches or the results, not both. Under torch.distributed the products are averaged
-    across ranks after each pass, so every rank gets the factors of the globally averaged gradient.
+    layer's sketch is freed once its vectors are taken, so the peak holds the sketches or the results, not both.
+    Under torch.distributed the products are averaged across ranks after each pass, so every rank gets the factors of
+    the globally averaged gradient.
     ``recompute_blocks`` re-runs each repeated block (decoder layer) during backward instead of keeping its
     activations (`_recomputed_blocks`): the same numbers, about one block's activations instead of all of them, one
     more forward per pass.

@@ -190,11 +190,11 @@ def get_lora_ga_model(
     in 2 + 2·niter passes, a few [dim, 4r] matrices per layer: less memory, more time; PEFT's built-in runs 4 on its
     resident gradient. Against the exact SVD of SmolLM2-135M's gradients both the default and one power iteration
     recover the top-r right singular subspace to an overlap of at least 0.97 and the left one of ranks r+1..2r to
-    at least 0.8 (tests/test_lora_ga_accuracy.py). Each decoder layer is re-run during backward instead of keeping its activations
-    (``recompute_blocks``), and a Llama-style causal LM's loss is computed from the last hidden states in chunks,
-    never as full logits (`gradient_sketch.chunked_causal_lm_loss`, the same cross-entropy): the peak memory is
-    about one decoder layer's activations. Under torch.distributed every rank passes its own batches; the products
-    are averaged across ranks.
+    at least 0.8 (tests/test_lora_ga_accuracy.py). Each decoder layer is re-run during backward instead of keeping
+    its activations (``recompute_blocks``), and a Llama-style causal LM's loss is computed from the last hidden
+    states in chunks, never as full logits (`gradient_sketch.chunked_causal_lm_loss`, the same cross-entropy): the
+    peak memory is about one decoder layer's activations (plus, by default, the sketches). Under torch.distributed
+    every rank passes its own batches; the products are averaged across ranks.
 
     The factors follow the paper's reference code: A from the top-r right singular vectors, B from the left ones
     r+1..2r (``direction="ArB2r"``), both scaled by out_features^¼/√``stable_gamma`` (``scale="stable"``). The
