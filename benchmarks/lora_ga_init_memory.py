@@ -5,10 +5,11 @@ hf_ext never forms a weight gradient (a randomized sketch streamed from each tar
 default one forward/backward pass over the batches); PEFT holds the full gradient of every target until
 `get_peft_model` has taken each one's SVD. Measured: the peak RSS growth of the whole initialisation call of a fresh
 copy of the model (median of ``memory_repeats`` calls per side, alternating order) and its wall time. Goals:
-``memory_ratio = PEFT peak / hf_ext peak >= 2.0`` and hf_ext's time at most 2x PEFT's. ``tables.target_gradients_bytes`` is what PEFT holds at its
-peak (every target weight's fp32 gradient). Checks: both initialised models reproduce the original logits (≤ 1e-3),
-both target the same layers, and (informational) how well our A rows match PEFT's (mean |cosine|, subspace overlap; 1
-= the same row space). Data: 4 batches of 2 × 256 tokens of the Python tutorial.
+``memory_ratio = PEFT peak / hf_ext peak >= 2.0`` and hf_ext's time at most 2x PEFT's.
+``tables.target_gradients_bytes`` is what PEFT holds at its peak (every target weight's fp32 gradient). Checks: both
+initialised models reproduce the original logits (≤ 1e-3), both target the same layers, and (informational) how well
+our A rows match PEFT's (mean |cosine|, subspace overlap; 1 = the same row space). Data: 4 batches of 2 × 256 tokens
+of the Python tutorial.
 
 Run with ``python -m benchmarks.lora_ga_init_memory`` (about 3 minutes on 2 idle cores) or ``--quick`` (a tiny
 random Llama with random tokens, seconds: it checks the script, not the goal).
