@@ -25,8 +25,9 @@ def _factors(peft_model) -> torch.Tensor:
 
 
 def _run(batches) -> torch.Tensor:
+    # hidden 128: q_proj's one-pass sketch (k = 32r = 64 of 128 columns) is a real sketch, not capped at the width
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    return _factors(get_lora_ga_model(tiny_llama(torch.float64), config, batches, show_progress=False))
+    return _factors(get_lora_ga_model(tiny_llama(torch.float64, hidden=128), config, batches, show_progress=False))
 
 
 def ddp_lora_ga(rank: int, world: int) -> dict:
