@@ -17,6 +17,7 @@ from hf_ext.peft.gradient_sketch import (
     default_loss,
     gradient_singular_vectors,
     model_loss_for,
+    sketch_numel,
 )
 
 VOCAB = 61
@@ -141,6 +142,30 @@ def test_one_pass_sketch_equals_the_papers_sketch_of_the_explicit_gradient():
     # the sketch is not the exact SVD at this width (the test above would pass for any exact method)
     exact_s = torch.linalg.svdvals(grads[names[2]].double())
     assert (vectors[names[2]][1][:12].double() - exact_s[:12]).abs().max() > 1e-4 * exact_s[0]
+
+
+def test_one_pass_keeps_the_gradient_itself_where_the_sketch_would_be_no_smaller():
+    # q = 32 columns: v_proj (32×64) would need a 32·64 + 64·32 sketch for its 32·64 gradient, q_proj (64×64) a
+    # 32·64 + 64·64 one for 64·64: both accumulate G and take svd_lowrank's algorithm on it, 2·keep = 12 columns and
+    # 4 power iterations (PEFT's computation for LoRA-GA)
+    model, batches = tiny_llama(hidden=64), token_batches()
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"]
+    modules = dict(model.named_modules())
+    assert all(sketch_numel(*modules[n].weight.shape, 32) >= modules[n].weight.numel() for n in names)
+    grads = mean_gradients(copy.deepcopy(model), batches, names)
+    rng_state = torch.random.get_rng_state()
+    vectors = gradient_singular_vectors(model, {n: modules[n] for n in names}, batches, default_loss,
+                                        q={n: 32 for n in names}, keep={n: 6 for n in names}, power_iterations=None,
+                                        seed=2, show_progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # drawn from its own generator
+    for name in names:
+        torch.manual_seed(2)
+        u, s, v = torch.svd_lowrank(grads[name], q=12, niter=4)
+        ours_u, ours_s, ours_v = vectors[name]
+        assert ours_u.shape == (grads[name].shape[0], 6) and ours_s.shape == (6,) and ours_v.shape[1] == 6
+        torch.testing.assert_close(ours_s, s[:6], rtol=1e-4, atol=1e-7)
+        assert_same_up_to_sign(ours_u[:, :4], u[:, :4], dim=1, atol=1e-4)
+        assert_same_up_to_sign(ours_v[:, :4], v[:, :4], dim=1, atol=1e-4)
 
 
 def test_recomputed_decoder_layers_give_the_same_vectors_and_the_model_back_as_it_was():

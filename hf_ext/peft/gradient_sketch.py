@@ -152,6 +152,55 @@ class _LayerSinglePassSketch:
         return left.to(dtype), singular_values.to(dtype), right.to(dtype)
 
 
+def sketch_numel(out_features: int, in_features: int, k: int) -> int:
+    """How many numbers `_LayerSinglePassSketch` holds for a layer: k·long + l·short."""
+    long, short = max(out_features, in_features), min(out_features, in_features)
+    k = min(k, short)
+    return k * long + min(2 * k + 1, long) * short
+
+
+class _LayerGradient:
+    """The mean gradient G itself, accumulated in the same single pass as δᵀX, for a layer whose sketch would hold no
+    fewer numbers than G (narrow layers, or a large rank): less memory and less arithmetic than the sketch there.
+    Its top singular vectors come from `torch.svd_lowrank`'s algorithm on the resident G (q columns and the 4 power
+    iterations PEFT's built-in uses), with the test matrix drawn from ``seed``, not from torch's global RNG.
+    """
+
+    POWER_ITERATIONS = 4
+
+    def __init__(self, out_features: int, in_features: int, q: int, seed: int):
+        self.q, self.seed = q, seed
+        self.gradient: torch.Tensor | None = None
+
+    def accumulate(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
+        """Add one batch's G_b = δᵀX; inputs [T, in], grads [T, out]."""
+        part = output_grads.T @ inputs
+        self.gradient = part if self.gradient is None else self.gradient.add_(part)
+
+    def finish_pass(self, num_batches: int, final: bool, name: str = "", first: bool = False) -> None:
+        if self.gradient is None:
+            raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
+                               "inputs to the loss (check target_modules and the loss function)")
+        self.gradient /= num_batches
+        if _is_distributed():
+            torch.distributed.all_reduce(self.gradient, op=torch.distributed.ReduceOp.SUM)
+            self.gradient /= torch.distributed.get_world_size()
+        _check_gradient_product(self.gradient, name)
+
+    def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U [out, q], S [q], V [in, q]) of G, as `torch.svd_lowrank(G, q, niter=4)` computes them."""
+        transposed = self.gradient.shape[0] < self.gradient.shape[1]
+        tall = self.gradient.T if transposed else self.gradient
+        generator = torch.Generator().manual_seed(self.seed)
+        probe = torch.randn(tall.shape[1], self.q, generator=generator, dtype=tall.dtype).to(tall.device)
+        basis = torch.linalg.qr(tall @ probe).Q
+        for _ in range(self.POWER_ITERATIONS):
+            basis = torch.linalg.qr(tall @ torch.linalg.qr(tall.T @ basis).Q).Q
+        u_small, singular_values, vh = torch.linalg.svd(basis.T @ tall, full_matrices=False)
+        left, right = basis @ u_small, vh.T
+        return (right, singular_values, left) if transposed else (left, singular_values, right)
+
+
 def _check_gradient_product(product: torch.Tensor, name: str) -> None:
     """Refuse a gradient that would give arbitrary singular vectors: QR of zeros or NaN is no subspace."""
     if not torch.isfinite(product).all():
@@ -283,7 +332,8 @@ def gradient_singular_vectors(
     number of singular triplets per layer. With an int ``power_iterations``, `torch.svd_lowrank`'s range finder runs
     as 2 + 2·power_iterations passes over ``batches``, which must all see the same function: call it with dropout off
     (eval mode). With ``power_iterations=None``, one pass builds a two-sided sketch of width q
-    (`_LayerSinglePassSketch`). ``keep`` (default: all q) is how many leading triplets to return per layer: each
+    (`_LayerSinglePassSketch`), or accumulates the layer's gradient itself where that holds fewer numbers
+    (`_LayerGradient`). ``keep`` (default: all q) is how many leading triplets to return per layer: each
     layer's sketch is freed once its vectors are taken, so the peak holds the sketches or the results, not both.
     Under torch.distributed the products are averaged across ranks after each pass, so every rank gets the factors of
     the globally averaged gradient.
@@ -294,7 +344,11 @@ def gradient_singular_vectors(
     finders, test_matrices = {}, {}
     for name, layer in layers.items():
         out_features, in_features = _layer_shape(layer)
-        if power_iterations is None:
+        if power_iterations is None and sketch_numel(out_features, in_features, q[name]) >= out_features * in_features:
+            # on a resident G the range finder needs no wide sketch: 2·keep columns (PEFT's 4r for LoRA-GA)
+            columns = q[name] if keep is None else min(q[name], 2 * keep[name])
+            finders[name] = _LayerGradient(out_features, in_features, columns, seed)
+        elif power_iterations is None:
             finders[name] = _LayerSinglePassSketch(out_features, in_features, q[name], seed, test_matrices)
         else:
             finders[name] = _LayerRangeFinder(out_features, in_features, q[name], seed)

@@ -186,7 +186,8 @@ def get_lora_ga_model(
     inputs and output gradients so that no weight gradient is ever formed — quantized (bitsandbytes 4/8-bit) bases
     work. ``power_iterations=None`` (default): one pass over the batches builds a two-sided randomized sketch of each
     gradient (Tropp et al. 2017) of width k = min(32r, out, in), about k·max(out, in) + 2k·min(out, in) numbers per
-    layer. An int: `torch.svd_lowrank`'s range finder (q = min(4r, out, in), ``power_iterations`` like its ``niter``)
+    layer, or accumulates the gradient itself where that is no bigger (then svd_lowrank with 4r columns, as PEFT
+    does). An int: `torch.svd_lowrank`'s range finder (q = min(4r, out, in), ``power_iterations`` like its ``niter``)
     in 2 + 2·niter passes, a few [dim, 4r] matrices per layer: less memory, more time; PEFT's built-in runs 4 on its
     resident gradient. Against the exact SVD of SmolLM2-135M's gradients both the default and one power iteration
     recover the top-r right singular subspace to an overlap of at least 0.97 and the left one of ranks r+1..2r to

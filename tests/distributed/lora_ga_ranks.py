@@ -25,9 +25,10 @@ def _factors(peft_model) -> torch.Tensor:
 
 
 def _run(batches) -> torch.Tensor:
-    # hidden 128: q_proj's one-pass sketch (k = 32r = 64 of 128 columns) is a real sketch, not capped at the width
+    # hidden 256: q_proj (256×256) takes the one-pass sketch with k = 32r = 64 of 256 columns; v_proj (128×256) and
+    # down_proj (256×48), whose sketch would be no smaller than their gradient, accumulate the gradient itself
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    return _factors(get_lora_ga_model(tiny_llama(torch.float64, hidden=128), config, batches, show_progress=False))
+    return _factors(get_lora_ga_model(tiny_llama(torch.float64, hidden=256), config, batches, show_progress=False))
 
 
 def ddp_lora_ga(rank: int, world: int) -> dict:
