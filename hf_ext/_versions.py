@@ -38,7 +38,7 @@ SUPPORTED_VERSIONS = {
         "conversions are checked against) and DeepSeek-V2 applies YaRN's mscale, both from 5.15; before that also "
         "missing: strict dataclass configs (5.4) and the Hub client `transformers.utils.hub.hf_api` (5.10)"),
     "peft": SupportedRange(
-        "0.21", "0.21.2",
+        "0.21", "0.22.0",
         "the first release that saves and loads adapters of PEFT types outside its own `PeftType` enum (it looks "
         "them up in PEFT_TYPE_TO_TUNER_MAPPING, where hf_ext registers its gradient-view LoRA)"),
     "diffusers": SupportedRange(

@@ -1,7 +1,8 @@
 """PEFT's own generic custom-model tests (peft's tests/test_custom_models.py) run against gradient-view LoRA.
 
 `peft_tests` is the peft sdist's tests/ folder (copied next to this file by peft_generic.sh, with an empty
-__init__.py because its modules import each other relatively); nothing of PEFT or hf_ext is patched. Every test of
+__init__.py because its modules import each other relatively); nothing of PEFT or hf_ext is patched (PEFT's
+TEST_CASES list gains the gradient-view rows, see below). Every test of
 PEFT's `TestPeftCustomModel` that is parametrised over its TEST_CASES runs over GRADIENT_VIEW_CASES instead (its other
 parametrisations — dtypes, autocast, low_cpu_mem_usage — kept), every test parametrised over its config classes runs
 for GradientViewLoraConfig, and PEFT's method-specific tests are left out. `TestLoraControl` runs the LoRA rows the
@@ -46,6 +47,10 @@ LORA_SOURCES = {"Vanilla MLP 1 LoRA", "Vanilla MLP 2 LoRA", "Vanilla MLP 3 LoRA"
                 "Vanilla MLP 1 LoRA with KaSA", "Vanilla MLP 1 LoRA with MiCA", "Vanilla MLP 1 LoRA with lora_b bias",
                 "Embedding + transformers Conv1D 1 LoRA"}
 LORA_CASES = [row for row in peft_suite.TEST_CASES if row[2] is LoraConfig and row[0] in LORA_SOURCES]
+# Tests parametrised over config classes (peft >= 0.22's test_get_additive_delta_uses_adapter_dtype) look up a
+# representative row for their class in PEFT's TEST_CASES when they run: give gradient-view LoRA its rows there too.
+# The parametrisations were fixed at import, so no other test changes.
+peft_suite.TEST_CASES.extend(GRADIENT_VIEW_CASES)
 
 
 def _parametrized_over(function, values):

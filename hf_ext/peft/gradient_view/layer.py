@@ -45,8 +45,9 @@ class GradientViewLinear(nn.Module, BaseTunerLayer):
             self.fan_in_fan_out = True
             self.in_features, self.out_features = base_layer.weight.shape
         else:
-            raise TypeError(f"gradient-view LoRA adapts torch.nn.Linear and transformers' Conv1D layers, got "
-                            f"{type(base_layer).__name__}")
+            # PEFT's own wording ("Target module ... is not supported"), which its users and tests match
+            raise TypeError(f"Target module {type(base_layer).__name__} is not supported: gradient-view LoRA adapts "
+                            "torch.nn.Linear and transformers' Conv1D layers")
         self.base_layer = base_layer
         self.hfxgv_delta = nn.ParameterDict({})
         self.hfxgv_lora_B = nn.ParameterDict({})
