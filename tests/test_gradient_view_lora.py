@@ -548,3 +548,19 @@ def test_factors_follow_the_adapter_dtype_and_stay_out_of_the_trainable_paramete
     assert trainable and all("hfxgv_delta" in n for n in trainable)
     optimizer = gradient_view_optimizer(peft_model, lr=1e-3)
     assert len(optimizer.param_groups) == 1  # no factor slipped in as a "module to save"
+
+
+def test_an_unknown_target_layer_type_is_refused_in_peft_wording():
+    """PEFT's own message for a layer type a method cannot adapt, which PEFT's suite (0.22) matches."""
+    from hf_ext.peft import GradientViewLoraConfig
+
+    class Unknown(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4, 4))
+
+    model = torch.nn.Sequential()
+    model.add_module("lin0", Unknown())
+    with pytest.raises(TypeError, match=r"Target module Unknown is not supported: gradient-view LoRA adapts "
+                                        r"torch\.nn\.Linear and transformers' Conv1D layers"):
+        get_peft_model(model, GradientViewLoraConfig(r=2, target_modules=["lin0"]))
