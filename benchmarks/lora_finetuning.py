@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from hf_ext.peft.gradient_sketch import gradient_passes
+
 from .harness import (configure_threads, fix_mmap_threshold, log, main, make_result, memory_ratio, peak_memory_growth,
                       release_free_memory, reset_high_water_mark, save_result, status_kib)
 from .tasks.assets import load_smollm2, smollm2_gguf_path
@@ -214,7 +216,7 @@ def task_metrics(task: str, runs: dict[str, dict], summary: dict, settings: dict
         metrics[f"{task}: LoRA-GA init peak memory, hf_ext vs PEFT"] = {
             "description": f"{task} task: peak RSS growth of the LoRA-GA initialisation "
                            f"({settings['gradient_batches']} batches of {settings['batch_size']}; hf_ext: "
-                           f"{2 + 2 * settings['power_iterations']} gradient passes, PEFT: 1); informational "
+                           f"{gradient_passes(settings['power_iterations'])} gradient passes, PEFT: 1); informational "
                            "(the lora_ga_init_memory benchmark holds the memory goal)",
             "unit": "MiB", "candidate": ours / 2**20, "peer": theirs / 2**20,
             "candidate_peak_bytes": ours, "peer_peak_bytes": theirs,
@@ -250,7 +252,7 @@ def run(settings: dict, quick: bool = False) -> dict:
         "parameters": sum(p.numel() for p in reference.parameters()),
         "optimizer": "torch.optim.AdamW (gradient view: on its rank-r factors), betas (0.9, 0.999), constant lr, "
                      "no warm-up, no gradient clipping",
-        "eval_steps": eval_steps(settings), "hf_ext_lora_ga_gradient_passes": 2 + 2 * settings["power_iterations"],
+        "eval_steps": eval_steps(settings), "hf_ext_lora_ga_gradient_passes": gradient_passes(settings["power_iterations"]),
         "peft_lora_ga_gradient_passes": 1, "gradient_batches_source": "the first training batches of the task",
         "data": {name: task.report for name, task in tasks.items()},
     })

@@ -26,6 +26,7 @@ from peft.tuners.lora import LoraGAConfig, LoraLayer, preprocess_loraga
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
 from hf_ext.peft import PartlyFrozenLinear, get_lora_ga_model
+from hf_ext.peft.gradient_sketch import gradient_passes
 
 from .harness import (configure_threads, fix_mmap_threshold, log, main, make_result, memory_ratio, peak_memory_growth,
                       save_result, speed_ratio)
@@ -189,8 +190,7 @@ def run(settings: dict, quick: bool = False) -> dict:
         "parameters": sum(p.numel() for p in reference.parameters()),
         "tokens_per_batch": settings["batch_size"] * settings["sequence_length"],
         "target_layers": len(names),
-        "candidate_gradient_passes": (1 if settings["power_iterations"] is None
-                                      else 2 + 2 * settings["power_iterations"]),
+        "candidate_gradient_passes": gradient_passes(settings["power_iterations"]),
         "peer_gradient_passes": 1,
         "peer_target_modules": "PEFT's _maybe_include_all_linear_layers expansion of 'all-linear' (preprocess_loraga "
                                "does not expand it itself)",

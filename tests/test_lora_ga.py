@@ -13,11 +13,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_ext.ops.lora_ga import lora_ga_factors
 from hf_ext.peft import PartlyFrozenLinear, get_lora_ga_model
 from hf_ext.peft.gradient_sketch import (
+    _LayerSinglePassSketch,
     chunked_causal_lm_loss,
     default_loss,
     gradient_singular_vectors,
     model_loss_for,
-    sketch_numel,
 )
 
 VOCAB = 61
@@ -151,7 +151,7 @@ def test_one_pass_keeps_the_gradient_itself_where_the_sketch_would_be_no_smaller
     model, batches = tiny_llama(hidden=64), token_batches()
     names = ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"]
     modules = dict(model.named_modules())
-    assert all(sketch_numel(*modules[n].weight.shape, 32) >= modules[n].weight.numel() for n in names)
+    assert all(_LayerSinglePassSketch.numel(*modules[n].weight.shape, 32) >= modules[n].weight.numel() for n in names)
     grads = mean_gradients(copy.deepcopy(model), batches, names)
     rng_state = torch.random.get_rng_state()
     vectors = gradient_singular_vectors(model, {n: modules[n] for n in names}, batches, default_loss,

@@ -43,12 +43,12 @@ PLACEMENT_WORDS = {"after": "after the image", "before": "before the image",
 def markdown_table(accuracy: dict, base: dict, records: dict, settings: dict, parameters: int) -> str:
     """The RESULTS.md table: accuracy per layout × canvas size × question type, the majority-answer rows, and the
     generated reading (`interpretation`)."""
-    train = settings["train_size"]
+    train, placement = settings["train_size"], settings.get("question_placement", "after")
     lines = [
         f"Accuracy (%) of greedy `generate()` on held-out canvases ({settings['eval_canvases']} per size, digit images "
         f"never seen in training), one model per layout trained on {train}×{train} canvases only: "
         f"{parameters / 1e6:.2f} M parameters, {settings['steps']} steps of {settings['batch_size']} canvases × 4 "
-        f"questions {PLACEMENT_WORDS[settings.get('question_placement', 'after')]}, same initial weights and "
+        f"questions {PLACEMENT_WORDS[placement]}, same initial weights and "
         f"batches for every layout. Overall = mean of the four types; "
         f"\"at (beyond)\" asks about a row or column > {train} (numbers never used as coordinates in training). "
         f"Standard error of one cell ≤ {50 / math.sqrt(settings['eval_canvases']):.1f} points.",
@@ -71,7 +71,6 @@ def markdown_table(accuracy: dict, base: dict, records: dict, settings: dict, pa
         lines.append(f"| majority answer | {size}×{size} | {overall(majority):.1f} | {majority['at']:.1f} | "
                      f"{majority['count']:.1f} | {majority['left_of']:.1f} | {majority['above']:.1f} | {beyond} "
                      "| — |")
-    placement = settings.get("question_placement", "after")
     command, result_file = "python -m benchmarks.ropetie_digit_canvas", "ropetie_digit_canvas.json"
     if placement != "after":  # the other placements were run for two layouts and write their own file
         layouts = ", ".join(f'"{layout}"' for layout in settings["layouts"])

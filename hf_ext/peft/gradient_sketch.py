@@ -24,6 +24,37 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 
+def gradient_passes(power_iterations: int | None) -> int:
+    """Forward/backward passes over the batches: one for the one-pass sketch (None), 2 + 2·niter for the range
+    finder (T·R, then Tᵀ·Q and T·Q per power iteration, then Tᵀ·Q for the final small SVD)."""
+    return 1 if power_iterations is None else 2 + 2 * power_iterations
+
+
+def _gaussian(rows: int, cols: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """A Gaussian test matrix drawn on the CPU (the same numbers on any device, those of svd_lowrank's CPU draw) in
+    ``like``'s dtype, then moved to its device."""
+    return torch.randn(rows, cols, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def _mean_over_batches_and_ranks(total: torch.Tensor | None, num_batches: int) -> torch.Tensor:
+    """A pass's sum over batches as the mean over batches and, under torch.distributed, over ranks."""
+    if total is None:
+        raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
+                           "inputs to the loss (check target_modules and the loss function)")
+    mean = total / num_batches
+    if _is_distributed():
+        torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.SUM)
+        mean /= torch.distributed.get_world_size()
+    return mean
+
+
+def _factors(basis: torch.Tensor, small: torch.Tensor, transposed: bool):
+    """(U, S, V) of G from T ≈ basis·small (T = G, or Gᵀ when ``transposed``): the SVD of the small factor."""
+    u_small, singular_values, vh = torch.linalg.svd(small, full_matrices=False)
+    left, right = basis @ u_small, vh.T
+    return (right, singular_values, left) if transposed else (left, singular_values, right)
+
+
 class _LayerRangeFinder:
     """The state of `torch.svd_lowrank`'s algorithm for one layer's gradient G [out, in].
 
@@ -47,9 +78,7 @@ class _LayerRangeFinder:
     def accumulate(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
         """Add one batch's G_b·probe = δᵀ(X·probe) (or G_bᵀ·probe = Xᵀ(δ·probe)); inputs [T, in], grads [T, out]."""
         if self.probe is None:
-            generator = torch.Generator().manual_seed(self.seed)
-            # Drawn on the CPU (the numbers of svd_lowrank's CPU draw), moved to the layer's device once.
-            self.probe = torch.randn(self.tall_cols, self.q, generator=generator, dtype=inputs.dtype).to(inputs.device)
+            self.probe = _gaussian(self.tall_cols, self.q, torch.Generator().manual_seed(self.seed), inputs)
         if self.multiplies_gradient:
             product = output_grads.T @ (inputs @ self.probe)
         else:
@@ -58,13 +87,7 @@ class _LayerRangeFinder:
 
     def finish_pass(self, num_batches: int, final: bool, name: str = "", first: bool = False) -> None:
         """Average the pass's product over batches (and ranks), then orthonormalise it into the next probe."""
-        if self.product is None:
-            raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
-                               "inputs to the loss (check target_modules and the loss function)")
-        product = self.product / num_batches
-        if _is_distributed():
-            torch.distributed.all_reduce(product, op=torch.distributed.ReduceOp.SUM)
-            product /= torch.distributed.get_world_size()
+        product = _mean_over_batches_and_ranks(self.product, num_batches)
         self.product = None
         if first:  # G·R with a Gaussian R: non-finite iff G is, zero iff G is (almost surely)
             _check_gradient_product(product, name)
@@ -76,12 +99,7 @@ class _LayerRangeFinder:
 
     def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U [out, q], S [q], V [in, q]) with G ≈ U diag(S) Vᵀ, as `torch.svd_lowrank` returns them."""
-        small = self.final_product.T  # Qᵀ T [q, tall_cols]
-        u_small, singular_values, vh = torch.linalg.svd(small, full_matrices=False)
-        left, right = self.probe.to(u_small.device) @ u_small, vh.T
-        if self.transposed:
-            left, right = right, left
-        return left, singular_values, right
+        return _factors(self.probe, self.final_product.T, self.transposed)  # final_product.T = Qᵀ T [q, tall_cols]
 
 
 class _LayerSinglePassSketch:
@@ -99,19 +117,30 @@ class _LayerSinglePassSketch:
 
     def __init__(self, out_features: int, in_features: int, k: int, seed: int, test_matrices: dict):
         self.transposed = out_features < in_features
-        self.long, self.short = max(out_features, in_features), min(out_features, in_features)
-        self.k, self.l = k, min(2 * k + 1, self.long)
+        self.long, self.short, self.k, self.l = self.shape(out_features, in_features, k)
         self.seed, self.test_matrices = seed, test_matrices
         self.range_sketch: torch.Tensor | None = None  # Y = T·Ω
         self.corange_sketch: torch.Tensor | None = None  # W = Ψ·T
 
+    @staticmethod
+    def shape(out_features: int, in_features: int, k: int) -> tuple[int, int, int, int]:
+        """(long, short, k, l): the tall orientation's sides and the two sketch widths."""
+        long, short = max(out_features, in_features), min(out_features, in_features)
+        k = min(k, short)
+        return long, short, k, min(2 * k + 1, long)
+
+    @classmethod
+    def numel(cls, out_features: int, in_features: int, k: int) -> int:
+        """How many numbers the sketch holds for a layer: k·long + l·short."""
+        long, short, k, l = cls.shape(out_features, in_features, k)
+        return k * long + l * short
+
     def _test_matrices(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.long, self.short, self.k, like.dtype, like.device)
         if key not in self.test_matrices:
-            generator = torch.Generator().manual_seed(self.seed)  # drawn on the CPU: the same numbers on any device
-            omega = torch.randn(self.short, self.k, generator=generator, dtype=like.dtype)
-            psi = torch.randn(self.l, self.long, generator=generator, dtype=like.dtype)
-            self.test_matrices[key] = (omega.to(like.device), psi.to(like.device))
+            generator = torch.Generator().manual_seed(self.seed)
+            omega = _gaussian(self.short, self.k, generator, like)  # Ω first, then Ψ from the same generator
+            self.test_matrices[key] = (omega, _gaussian(self.l, self.long, generator, like))
         return self.test_matrices[key]
 
     def accumulate(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
@@ -128,16 +157,9 @@ class _LayerSinglePassSketch:
 
     def finish_pass(self, num_batches: int, final: bool, name: str = "", first: bool = False) -> None:
         """Average both sketches over batches (and ranks); there is only this one pass."""
-        if self.range_sketch is None:
-            raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
-                               "inputs to the loss (check target_modules and the loss function)")
-        sketches = [self.range_sketch / num_batches, self.corange_sketch / num_batches]
-        if _is_distributed():
-            for sketch in sketches:
-                torch.distributed.all_reduce(sketch, op=torch.distributed.ReduceOp.SUM)
-                sketch /= torch.distributed.get_world_size()
-        _check_gradient_product(sketches[0], name)
-        self.range_sketch, self.corange_sketch = sketches
+        self.range_sketch = _mean_over_batches_and_ranks(self.range_sketch, num_batches)
+        self.corange_sketch = _mean_over_batches_and_ranks(self.corange_sketch, num_batches)
+        _check_gradient_product(self.range_sketch, name)
 
     def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U [out, k], S [k], V [in, k]) with G ≈ U diag(S) Vᵀ; the small algebra runs in float64."""
@@ -145,18 +167,7 @@ class _LayerSinglePassSketch:
         _, psi = self._test_matrices(self.range_sketch)
         basis = torch.linalg.qr(self.range_sketch.double()).Q  # [long, k]
         core = torch.linalg.lstsq(psi.double() @ basis, self.corange_sketch.double()).solution  # [k, short]
-        u_small, singular_values, vh = torch.linalg.svd(core, full_matrices=False)
-        left, right = basis @ u_small, vh.T
-        if self.transposed:
-            left, right = right, left
-        return left.to(dtype), singular_values.to(dtype), right.to(dtype)
-
-
-def sketch_numel(out_features: int, in_features: int, k: int) -> int:
-    """How many numbers `_LayerSinglePassSketch` holds for a layer: k·long + l·short."""
-    long, short = max(out_features, in_features), min(out_features, in_features)
-    k = min(k, short)
-    return k * long + min(2 * k + 1, long) * short
+        return tuple(t.to(dtype) for t in _factors(basis, core, self.transposed))
 
 
 class _LayerGradient:
@@ -168,7 +179,7 @@ class _LayerGradient:
 
     POWER_ITERATIONS = 4
 
-    def __init__(self, out_features: int, in_features: int, q: int, seed: int):
+    def __init__(self, q: int, seed: int):
         self.q, self.seed = q, seed
         self.gradient: torch.Tensor | None = None
 
@@ -178,27 +189,18 @@ class _LayerGradient:
         self.gradient = part if self.gradient is None else self.gradient.add_(part)
 
     def finish_pass(self, num_batches: int, final: bool, name: str = "", first: bool = False) -> None:
-        if self.gradient is None:
-            raise RuntimeError("a LoRA-GA target layer received no gradient: it is not on the path from the "
-                               "inputs to the loss (check target_modules and the loss function)")
-        self.gradient /= num_batches
-        if _is_distributed():
-            torch.distributed.all_reduce(self.gradient, op=torch.distributed.ReduceOp.SUM)
-            self.gradient /= torch.distributed.get_world_size()
+        self.gradient = _mean_over_batches_and_ranks(self.gradient, num_batches)
         _check_gradient_product(self.gradient, name)
 
     def singular_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U [out, q], S [q], V [in, q]) of G, as `torch.svd_lowrank(G, q, niter=4)` computes them."""
         transposed = self.gradient.shape[0] < self.gradient.shape[1]
         tall = self.gradient.T if transposed else self.gradient
-        generator = torch.Generator().manual_seed(self.seed)
-        probe = torch.randn(tall.shape[1], self.q, generator=generator, dtype=tall.dtype).to(tall.device)
+        probe = _gaussian(tall.shape[1], self.q, torch.Generator().manual_seed(self.seed), tall)
         basis = torch.linalg.qr(tall @ probe).Q
         for _ in range(self.POWER_ITERATIONS):
             basis = torch.linalg.qr(tall @ torch.linalg.qr(tall.T @ basis).Q).Q
-        u_small, singular_values, vh = torch.linalg.svd(basis.T @ tall, full_matrices=False)
-        left, right = basis @ u_small, vh.T
-        return (right, singular_values, left) if transposed else (left, singular_values, right)
+        return _factors(basis, basis.T @ tall, transposed)
 
 
 def _check_gradient_product(product: torch.Tensor, name: str) -> None:
@@ -224,10 +226,11 @@ def _is_distributed() -> bool:
 
 
 @contextmanager
-def _capture_products(layers: Mapping[str, nn.Module], finders: Mapping[str, _LayerRangeFinder]):
-    """Forward hooks that hand each layer's (inputs, output gradients) of every call to its range finder."""
+def _capture_products(layers: Mapping[str, nn.Module], finders: Mapping):
+    """Forward hooks that hand each layer's (inputs, output gradients) of every call to its finder (range finder,
+    one-pass sketch or resident gradient: each has ``accumulate(inputs, output_grads)``)."""
 
-    def make_hook(finder: _LayerRangeFinder):
+    def make_hook(finder):
         def hook(module, args, output):
             if not torch.is_grad_enabled():  # the no-grad first run of a recomputed block: its recompute counts
                 return None
@@ -344,16 +347,15 @@ def gradient_singular_vectors(
     finders, test_matrices = {}, {}
     for name, layer in layers.items():
         out_features, in_features = _layer_shape(layer)
-        if power_iterations is None and sketch_numel(out_features, in_features, q[name]) >= out_features * in_features:
+        sketch_numel = _LayerSinglePassSketch.numel(out_features, in_features, q[name])
+        if power_iterations is None and sketch_numel >= out_features * in_features:
             # on a resident G the range finder needs no wide sketch: 2·keep columns (PEFT's 4r for LoRA-GA)
-            columns = q[name] if keep is None else min(q[name], 2 * keep[name])
-            finders[name] = _LayerGradient(out_features, in_features, columns, seed)
+            finders[name] = _LayerGradient(q[name] if keep is None else min(q[name], 2 * keep[name]), seed)
         elif power_iterations is None:
             finders[name] = _LayerSinglePassSketch(out_features, in_features, q[name], seed, test_matrices)
         else:
             finders[name] = _LayerRangeFinder(out_features, in_features, q[name], seed)
-    # svd_lowrank's products: T·R, then (Tᵀ·Q, T·Q) per power iteration, then Tᵀ·Q for the final small SVD
-    num_passes = 1 if power_iterations is None else 2 + 2 * power_iterations
+    num_passes = gradient_passes(power_iterations)
     is_main = not _is_distributed() or torch.distributed.get_rank() == 0
     progress = tqdm(total=num_passes * len(batches), desc="LoRA-GA gradient passes",
                     disable=not (show_progress and is_main))
