@@ -1,6 +1,6 @@
-"""How close LoRA-GA's streamed randomized SVDs (the default one-pass sketch of width 32r, and the range finder with
-one power iteration, 4 passes) come to the exact singular subspaces of the explicit mean gradient, on the real
-SmolLM2-135M and English text.
+"""How close LoRA-GA's streamed randomized SVDs (the default single pass: a sketch of width 32r, or the resident
+gradient where that is smaller, as for q_proj and v_proj here; and the range finder with one power iteration, 4
+passes) come to the exact singular subspaces of the explicit mean gradient, on the real SmolLM2-135M and English text.
 
 The factors use the top-r right singular vectors (A) and the left ones r+1..2r (B, direction "ArB2r"), so those two
 subspaces are compared, as the mean squared cosine of their principal angles (1: the same subspace).
