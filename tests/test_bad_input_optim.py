@@ -67,13 +67,22 @@ def test_lion_nonfinite_gradient_raises_before_changing_anything(kernel, bad):
     _assert_unchanged(optimizer, params, snapshot)
 
 
-def test_lion_nonfinite_gradient_on_the_first_step_creates_no_state():
+@pytest.mark.parametrize("kernel", [*KERNELS, {}])
+def test_lion_nonfinite_gradient_on_the_first_step_leaves_the_start_intact(kernel):
+    """Checked first (foreach, per tensor): no state is created. Checked in the update (the default's C kernel on
+    float32 CPU tensors): the momentum exists, all zeros, which is what the first real step starts from anyway."""
     params = _params()
-    optimizer = Lion(params, lr=0.1)
+    start = [p.detach().clone() for p in params]
+    optimizer = Lion(params, lr=0.1, **kernel)
     params[0].grad = torch.full((4, 3), NAN)
     with pytest.raises(FloatingPointError, match="parameter 0 of param group 0"):
         optimizer.step()
-    assert len(optimizer.state) == 0
+    assert all(torch.equal(p, s) for p, s in zip(params, start))
+    if kernel:
+        assert len(optimizer.state) == 0
+    else:
+        assert [p for p in params if p in optimizer.state] == params[:1]
+        assert not optimizer.state[params[0]]["exp_avg"].any()
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

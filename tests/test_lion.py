@@ -1,13 +1,17 @@
 """Lion: the update against a float64 oracle, kernel equality, parity with lion_pytorch and bitsandbytes, resume."""
 
 import copy
+import math
 import io
 import warnings
 
 import pytest
 import torch
 
-from hf_ext.ops.lion import lion_reference_float64, lion_update_foreach, lion_update_fused, lion_update_single
+import hf_ext.ops.lion as lion_ops
+from hf_ext.ops import native
+from hf_ext.ops.lion import (lion_reference_float64, lion_update_foreach, lion_update_fused, lion_update_native,
+                             lion_update_single)
 from hf_ext.optim import Lion, adamw_to_lion, lion_optimizer_cls_and_kwargs
 
 SHAPES = [(40, 37), (200,), (48, 48, 20), (7,), (1, 40000)]  # the last two exercise both sides of FUSED_MIN_NUMEL
@@ -36,10 +40,12 @@ def test_single_step_matches_float64_formula():
     (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float32), (torch.float64, torch.float64)])
 @pytest.mark.smoke
-def test_kernels_are_bit_identical(param_dtype, state_dtype):
+def test_kernels_are_bit_identical(param_dtype, state_dtype, monkeypatch):
     base = _tensors(param_dtype, state_dtype)
     results = {}
-    for name in ("single", "foreach", "fused"):
+    for name in ("single", "foreach", "fused", "fused_torch_compile"):
+        # float32: "fused" is the C kernel; "fused_torch_compile" the torch.compile form that CUDA runs
+        monkeypatch.setenv(native.DISABLE_VARIABLE, "0" if name == "fused_torch_compile" else "1")
         params, grads, momenta = (list(map(torch.clone, ts)) for ts in base)
         for step in range(5):
             lr = 1e-2 * (step + 1)  # a changing learning rate must not change the fused kernel's arithmetic
@@ -50,7 +56,7 @@ def test_kernels_are_bit_identical(param_dtype, state_dtype):
                 (lion_update_foreach if name == "foreach" else lion_update_fused)(params, grads, momenta,
                                                                                   lr, 0.9, 0.99, 0.1)
         results[name] = params + momenta
-    for name in ("foreach", "fused"):
+    for name in ("foreach", "fused", "fused_torch_compile"):
         for a, b in zip(results["single"], results[name]):
             assert a.dtype == b.dtype and torch.equal(a, b), name
 
@@ -237,7 +243,7 @@ def test_adamw_to_lion():
 
 
 def test_fused_kernel_build_failure_names_the_fallback(monkeypatch):
-    import hf_ext.ops.lion as lion_ops
+    monkeypatch.setenv(native.DISABLE_VARIABLE, "0")  # the torch.compile form: float32 CPU tensors take the C kernel
 
     def broken(*args):
         raise OSError("no C++ compiler")
@@ -283,13 +289,12 @@ def _one_step(**options):
 
 
 def test_the_default_kernel_is_the_fused_one_with_identical_results(monkeypatch):
-    import hf_ext.ops.lion as lion_ops
-
     calls = []
     real = lion_ops.lion_update_fused
     monkeypatch.setattr("hf_ext.optim.lion.lion_update_fused", lambda *a, **k: calls.append(k) or real(*a, **k))
     default = _one_step()
-    assert calls == [{"fallback": True, "finite": None}]  # Lion(params) as users write it takes the fused kernel
+    # Lion(params) as users write it takes the fused kernel, in its C form (float32 on the CPU)
+    assert calls == [{"fallback": True, "finite": None, "all_native_eligible": True}]
     for chosen in (dict(fused=True), dict(fused=False), dict(foreach=True), dict(foreach=False)):
         assert all(torch.equal(a, b) for a, b in zip(default, _one_step(**chosen)))
     calls.clear()
@@ -299,8 +304,7 @@ def test_the_default_kernel_is_the_fused_one_with_identical_results(monkeypatch)
 
 
 def test_the_default_kernel_falls_back_to_foreach_once_when_compiling_fails(monkeypatch):
-    import hf_ext.ops.lion as lion_ops
-
+    monkeypatch.setenv(native.DISABLE_VARIABLE, "0")  # the torch.compile form: float32 CPU tensors take the C kernel
     expected = _one_step(fused=False)
 
     def broken(*args):
@@ -316,3 +320,74 @@ def test_the_default_kernel_falls_back_to_foreach_once_when_compiling_fails(monk
         assert all(torch.equal(a, b) for a, b in zip(_one_step(), expected))
     with pytest.raises(RuntimeError, match="fused=False"):  # asked for explicitly, it raises, then as before
         _one_step(fused=True)
+
+
+# ---- the C kernel (float32 on the CPU) -------------------------------------------------------------------------------
+
+def test_the_c_kernel_is_built_here():
+    """CI machines have a C compiler, as torch.compile on the CPU needs one: the fast path must not silently vanish."""
+    assert lion_ops.native_kernel_available(), native.failure("lion_fp32")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_kernel_matches_foreach_across_chunk_boundaries(threads, monkeypatch):
+    """Small chunks, so that tensors span several, end mid-chunk or are empty, and chunks of one tensor meet those of
+    the next on one thread and on two."""
+    monkeypatch.setattr(lion_ops, "NATIVE_CHUNK_NUMEL", 64)
+    sizes = [0, 1, 63, 64, 65, 200, 7, 1000, 128]
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=generator) for n in sizes]
+    grads = [torch.randn(n, generator=generator) for n in sizes]
+    momenta = [0.1 * torch.randn(n, generator=generator) for n in sizes]
+    grads[2][:5] = 0
+    momenta[2][:5] = 0  # the interpolation is exactly 0 there: sign 0, no move
+    expected = [list(map(torch.clone, ts)) for ts in (params, grads, momenta)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step in range(4):
+            lr = 1e-2 * (step + 1)
+            assert lion_update_native(params, grads, momenta, lr, 0.9, 0.99, 0.1) == []
+            lion_update_foreach(*expected, lr, 0.9, 0.99, 0.1)
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(params + momenta, expected[0] + expected[2]))
+
+
+def test_c_kernel_leaves_nonfinite_elements_unchanged_and_names_their_tensors(monkeypatch):
+    monkeypatch.setattr(lion_ops, "NATIVE_CHUNK_NUMEL", 64)
+    params, grads, momenta = ([torch.randn(n) for n in (300, 10, 500)] for _ in range(3))
+    grads[0][130], grads[2][0], grads[2][499] = math.nan, math.inf, -math.inf
+    before = [list(map(torch.clone, ts)) for ts in (params, momenta)]
+    expected = [list(map(torch.clone, ts)) for ts in (params, grads, momenta)]
+    for g in expected[1]:
+        g[~torch.isfinite(g)] = 0
+    lion_update_foreach(*expected, 0.01, 0.9, 0.99, 0.1)
+    assert lion_update_native(params, grads, momenta, 0.01, 0.9, 0.99, 0.1) == [0, 2]
+    for k in range(3):
+        bad = ~torch.isfinite(grads[k])
+        for now, old, new in ((params[k], before[0][k], expected[0][k]), (momenta[k], before[1][k], expected[2][k])):
+            assert torch.equal(now[bad], old[bad]) and torch.equal(now[~bad], new[~bad])
+
+
+def test_c_kernel_tells_autograd_about_the_in_place_change():
+    param = torch.nn.Parameter(torch.randn(100))
+    loss = (param ** 2).sum()  # saves param for the backward
+    param.grad = torch.ones(100)
+    Lion([param], lr=0.1, fused=True).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_without_a_c_compiler_lion_takes_the_torch_compile_form(monkeypatch, caplog):
+    expected = _one_step(fused=False)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.setattr(native, "_failures", {})
+    calls = []
+    real = lion_ops._compiled_update_or_foreach
+    monkeypatch.setattr(lion_ops, "_compiled_update_or_foreach", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with caplog.at_level("INFO", logger="hf_ext.ops.native"):
+        assert all(torch.equal(a, b) for a, b in zip(_one_step(), expected))
+    assert calls and not lion_ops.native_kernel_available()
+    assert "no C compiler found" in native.failure("lion_fp32") and "no C compiler found" in caplog.text

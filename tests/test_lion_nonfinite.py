@@ -1,5 +1,7 @@
-"""Lion and non-finite gradients, on every kernel: "raise" and "skip" change nothing, the check is exact, and the fused
-path reads one value on the host per step in "raise" mode and none in "skip" mode.
+"""Lion and non-finite gradients, on every kernel: "skip" changes nothing; "raise" changes nothing where the gradients
+are checked first, and with the C kernel (which checks while it updates) leaves exactly the non-finite elements
+unchanged; the check is exact; the torch.compile path reads one value on the host per step in "raise" mode and none
+in "skip" mode.
 
 The sync counts use `_host_sync_detector.HostSyncDetector` on the CPU. Compiled functions cannot run inside a
 TorchDispatchMode (dynamo skips the frame), so the `outside_modes` fixture runs Lion's compiled update with the mode
@@ -22,8 +24,11 @@ from hf_ext.optim import _step_checks
 from hf_ext.optim import Lion
 
 NAN, INF = math.nan, math.inf
-# fused=True, the default choice (fused), foreach, per tensor
-KERNELS = [{"fused": True}, {}, {"foreach": True}, {"foreach": False}]
+# (name, Lion options, whether the fused kernel may use its C form): fused=True, the default choice (fused), the
+# fused kernel's torch.compile form (what CUDA runs), foreach, per tensor
+KERNELS = [("fused", {"fused": True}, True), ("default", {}, True), ("torch_compile", {"fused": True}, False),
+           ("foreach", {"foreach": True}, True), ("per_tensor", {"foreach": False}, True)]
+CHECKED_IN_THE_UPDATE = {"fused", "default"}  # float32 CPU tensors, "raise": the C kernel checks as it updates
 BIG = (256, 160)  # 40960 elements: the compiled kernels; (7,) and (3, 5) take the foreach side of the fused path
 assert BIG[0] * BIG[1] >= lion_ops.FUSED_MIN_NUMEL
 
@@ -67,9 +72,14 @@ def _reference_after(steps):
     return [p.detach().clone() for p in params]
 
 
+def _use_c_kernel(monkeypatch, allowed: bool) -> None:
+    monkeypatch.setenv("HF_EXT_NATIVE_KERNELS", "1" if allowed else "0")
+
+
 @pytest.fixture
 def outside_modes(monkeypatch):
     """Run Lion's compiled update with any TorchDispatchMode suspended (see the module docstring); counts its calls."""
+    _use_c_kernel(monkeypatch, False)  # these tests watch the torch.compile path, the one CUDA takes
     update = lion_ops._compiled_update()
     calls = []
 
@@ -108,14 +118,16 @@ def queued_copies(monkeypatch):
     return events
 
 
-# ---- "raise" and "skip" change nothing, on every kernel ------------------------------------------------------------
+# ---- "raise" and "skip" keep non-finite values out, on every kernel ------------------------------------------------
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=[k[0] for k in KERNELS])
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 @pytest.mark.parametrize("where", [0, 1, 2])  # the compiled side, the foreach side, the second group
-def test_raise_refuses_with_nothing_changed_and_the_next_step_is_exact(kernel, bad, where):
+def test_raise_keeps_nonfinite_values_out_and_names_the_parameter(kernel, bad, where, monkeypatch):
+    name, options, c_kernel = kernel
+    _use_c_kernel(monkeypatch, c_kernel)
     params = _params()
-    optimizer = Lion(_groups(params), lr=0.1, weight_decay=0.1, **kernel)
+    optimizer = Lion(_groups(params), lr=0.1, weight_decay=0.1, **options)
     _set_grads(params, 0)
     optimizer.step()
     _set_grads(params, 1)
@@ -123,20 +135,41 @@ def test_raise_refuses_with_nothing_changed_and_the_next_step_is_exact(kernel, b
     snapshot = _snapshot(optimizer, params)
     group, index = (0, where) if where < 2 else (1, 0)
     shape = tuple(params[where].shape)
+    after = ("The elements whose gradient is not finite kept their parameter and state values; every other element "
+             "took this step" if name in CHECKED_IN_THE_UPDATE else "before any parameter or state changed")
     with pytest.raises(FloatingPointError, match=rf"^Lion: the gradient of parameter {index} of param group {group} "
-                                                 rf"\(shape {re_shape(shape)}\) is not finite .*before any parameter"):
+                                                 rf"\(shape {re_shape(shape)}\) is not finite .*{after}"):
         optimizer.step()
-    _assert_unchanged(optimizer, params, snapshot)
-    _set_grads(params, 1)
-    optimizer.step()
-    assert all(torch.equal(p, r) for p, r in zip(params, _reference_after(2)))
+    if name not in CHECKED_IN_THE_UPDATE:
+        _assert_unchanged(optimizer, params, snapshot)
+        _set_grads(params, 1)
+        optimizer.step()
+        assert all(torch.equal(p, r) for p, r in zip(params, _reference_after(2)))
+        return
+    # the C kernel: every element took the step the foreach kernel takes, except the one whose gradient is bad
+    weights, state = snapshot
+    momenta = [state["state"][k]["exp_avg"].clone() for k in range(len(params))]
+    expected = [w.clone() for w in weights]
+    grads = [p.grad.clone() for p in params]
+    grads[where].view(-1)[-1] = 0.0
+    for g_index, members in enumerate(_groups(list(range(len(params))))):
+        chosen = members["params"]
+        lr, weight_decay = (0.1, 0.1) if g_index == 0 else (0.05, 0.0)
+        lion_ops.lion_update_foreach([expected[k] for k in chosen], [grads[k] for k in chosen],
+                                     [momenta[k] for k in chosen], lr, 0.9, 0.99, weight_decay)
+    expected[where].view(-1)[-1] = weights[where].view(-1)[-1]
+    momenta[where].view(-1)[-1] = state["state"][where]["exp_avg"].view(-1)[-1]
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
+    assert all(torch.equal(optimizer.state[p]["exp_avg"], m) for p, m in zip(params, momenta))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=[k[0] for k in KERNELS])
 @pytest.mark.parametrize("where", [0, 1, 2])
-def test_skip_warns_changes_nothing_and_trains_on_exactly(kernel, where):
+def test_skip_warns_changes_nothing_and_trains_on_exactly(kernel, where, monkeypatch):
+    _, options, c_kernel = kernel
+    _use_c_kernel(monkeypatch, c_kernel)
     params = _params()
-    optimizer = Lion(_groups(params), lr=0.1, weight_decay=0.1, nonfinite_grads="skip", **kernel)
+    optimizer = Lion(_groups(params), lr=0.1, weight_decay=0.1, nonfinite_grads="skip", **options)
     _set_grads(params, 0)
     optimizer.step()
     group, index = (0, where) if where < 2 else (1, 0)
@@ -161,15 +194,16 @@ def re_shape(shape):
 
 
 @pytest.mark.parametrize("mode", ["raise", "skip"])
-def test_finite_steps_are_identical_on_every_kernel_and_mode(mode):
+def test_finite_steps_are_identical_on_every_kernel_and_mode(mode, monkeypatch):
     reference = _reference_after(4)
-    for kernel in KERNELS:
+    for name, options, c_kernel in KERNELS:
+        _use_c_kernel(monkeypatch, c_kernel)
         params = _params()
-        optimizer = Lion(_groups(params), lr=0.1, weight_decay=0.1, nonfinite_grads=mode, **kernel)
+        optimizer = Lion(_groups(params), lr=0.1, weight_decay=0.1, nonfinite_grads=mode, **options)
         for step in range(4):
             _set_grads(params, step)
             optimizer.step()
-        assert all(torch.equal(p, r) for p, r in zip(params, reference)), kernel
+        assert all(torch.equal(p, r) for p, r in zip(params, reference)), name
 
 
 # ---- the compiled check and the masked kernels ---------------------------------------------------------------------
@@ -208,7 +242,9 @@ def test_finite_flags_of_mixed_dtypes_and_complex_gradients(finite_flags):
 
 @pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                      (torch.float16, torch.float16), (torch.float64, torch.float64)])
-def test_masked_fused_kernel_is_the_plain_one_or_nothing(param_dtype, state_dtype):
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_masked_fused_kernel_is_the_plain_one_or_nothing(param_dtype, state_dtype, c_kernel, monkeypatch):
+    _use_c_kernel(monkeypatch, c_kernel)
     torch.manual_seed(1)
     shapes = [(1, 40000), (7,), (48, 48, 20)]
     base = ([torch.randn(s).to(param_dtype) for s in shapes], [torch.randn(s).to(param_dtype) for s in shapes],

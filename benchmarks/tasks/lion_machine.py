@@ -61,21 +61,28 @@ print(json.dumps(seconds))
 
 
 def cold_compile(threads: int) -> dict:
-    """First-call times of the fused kernel in two fresh processes that share a new, empty inductor cache."""
-    with tempfile.TemporaryDirectory(prefix="hf_ext_lion_inductor_") as cache:
-        environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-        runs = {}
-        for label in ("empty_cache", "filled_cache"):
-            start = time.perf_counter()
-            completed = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, str(threads)], env=environment,
-                                       capture_output=True, text=True, timeout=600)
-            wall = time.perf_counter() - start
-            if completed.returncode != 0:
-                return {"error": completed.stderr[-2000:]}
-            seconds = json.loads(completed.stdout.strip().splitlines()[-1])
-            runs[label] = {"first_call_seconds": seconds[0], "later_call_seconds": seconds[1:],
-                           "compile_seconds": seconds[0] - min(seconds[1:]), "process_wall_seconds": wall}
-    runs["method"] = ("lion_update_fused on one 2^20-element tensor in a fresh Python process with "
-                      "TORCHINDUCTOR_CACHE_DIR set to a new temporary directory; compile_seconds = first call - "
-                      "fastest later call; the second process reuses the directory the first one filled")
+    """First-call times of the fused kernel in fresh processes, for each of its forms: ``c_kernel`` (float32 on the
+    CPU; built by the system C compiler in each process) and ``torch_compile`` (the form CUDA and other dtypes use,
+    forced here with ``HF_EXT_NATIVE_KERNELS=0``; two processes share a new, empty inductor cache)."""
+    forms = {}
+    for form, native_setting in (("c_kernel", "1"), ("torch_compile", "0")):
+        with tempfile.TemporaryDirectory(prefix="hf_ext_lion_inductor_") as cache:
+            environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, HF_EXT_NATIVE_KERNELS=native_setting)
+            runs = {}
+            for label in ("empty_cache", "filled_cache"):
+                start = time.perf_counter()
+                completed = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, str(threads)], env=environment,
+                                           capture_output=True, text=True, timeout=600)
+                wall = time.perf_counter() - start
+                if completed.returncode != 0:
+                    return {"error": completed.stderr[-2000:]}
+                seconds = json.loads(completed.stdout.strip().splitlines()[-1])
+                runs[label] = {"first_call_seconds": seconds[0], "later_call_seconds": seconds[1:],
+                               "compile_seconds": seconds[0] - min(seconds[1:]), "process_wall_seconds": wall}
+        forms[form] = runs
+    forms["method"] = ("lion_update_fused on one 2^20-element float32 CPU tensor in a fresh Python process with "
+                       "TORCHINDUCTOR_CACHE_DIR set to a new temporary directory; compile_seconds = first call - "
+                       "fastest later call; the second process reuses the directory the first one filled (the C "
+                       "kernel is rebuilt in every process: it has no disk cache)")
+    runs = forms
     return runs

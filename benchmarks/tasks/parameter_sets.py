@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import torch
 
+from hf_ext.ops.native import kernels_disabled
 from hf_ext.optim import Lion
 
 # SmolLM2-135M (its config.json): hidden 576, 9 query / 3 key-value heads of 64, SwiGLU 1536, tied embeddings.
@@ -59,10 +60,23 @@ def _bitsandbytes(params):
     return bitsandbytes.optim.Lion(params, optim_bits=32, **LION_HYPER)
 
 
+class _TorchCompileForm:
+    """Lion(fused=True) with its C kernel off: the torch.compile form of the fused kernel (what CUDA runs)."""
+
+    def __init__(self, params):
+        self.optimizer = Lion(params, fused=True, **LION_HYPER)
+        self.state = self.optimizer.state
+
+    def step(self):
+        with kernels_disabled():
+            self.optimizer.step()
+
+
 # name -> (factory, nominal tensors of traffic per step, what it is)
 OPTIMIZERS: dict[str, tuple[Callable, int, str]] = {
     "lion_fused": (lambda params: Lion(params, fused=True, **LION_HYPER), 5, "hf_ext Lion(fused=True)"),
     "lion_default": (lambda params: Lion(params, **LION_HYPER), 5, "hf_ext Lion(params), default kernel choice"),
+    "lion_torch_compile": (_TorchCompileForm, 5, "hf_ext Lion(fused=True), its torch.compile form (C kernel off)"),
     "lion_foreach": (lambda params: Lion(params, foreach=True, **LION_HYPER), 5, "hf_ext Lion(foreach=True)"),
     "adamw_fused": (lambda params: torch.optim.AdamW(params, fused=True, **ADAMW_HYPER), 7,
                     "torch.optim.AdamW(fused=True)"),

@@ -12,9 +12,10 @@ Every kernel performs the same floating-point operations in the same order, so t
 
 * `lion_update_single`  — one tensor at a time (works on anything, including FSDP2 DTensors);
 * `lion_update_foreach` — the same ops through ``torch._foreach_*`` over a list of tensors;
-* `lion_update_fused`   — the same ops compiled with ``torch.compile`` into one pass over memory per tensor
-  (the update is memory-bound: it reads θ, g, m and writes θ, m, five tensors of traffic, so one pass is what
-  makes it fast).
+* `lion_update_fused`   — one pass over memory per tensor (the update is memory-bound: it reads θ, g, m and writes
+  θ, m, five tensors of traffic, so one pass is what makes it fast): for float32 tensors on the CPU a C kernel
+  that updates all of them in one call (`lion_update_native`, ``kernels/lion_fp32.c``), elsewhere the same ops
+  compiled with ``torch.compile`` (Triton on CUDA, C++ on the CPU for other dtypes).
 
 Low-precision parameters (bf16/fp16) may keep their momentum in fp32: the arithmetic then runs in fp32 on a
 copy of θ that is rounded back once per step. Gradients are read in their own dtype and promoted.
@@ -22,14 +23,18 @@ copy of θ that is rounded back once per step. Gradients are read in their own d
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import warnings
 
 import torch
 
+from . import native
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["lion_update_single", "lion_update_foreach", "lion_update_fused", "lion_reference_float64"]
+__all__ = ["lion_update_single", "lion_update_foreach", "lion_update_fused", "lion_update_native",
+           "lion_reference_float64"]
 
 
 def _compute_dtype(momentum: torch.Tensor) -> torch.dtype:
@@ -199,18 +204,46 @@ def _fused_eligible(*tensors) -> bool:
 
 
 def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: float, weight_decay: float,
-                      *, fallback: bool = False, finite: torch.Tensor | None = None) -> None:
-    """`lion_update_foreach` with one compiled memory pass per large tensor (``torch.compile``: C++ on CPU, Triton on
-    CUDA).
+                      *, fallback: bool = False, finite: torch.Tensor | None = None,
+                      all_native_eligible: bool = False) -> list[int]:
+    """`lion_update_foreach` in one pass over memory per tensor.
 
-    One kernel, compiled on the first call with a dynamic length (a few seconds, logged; cached on disk by torch),
-    serves every contiguous tensor of at least `FUSED_MIN_NUMEL` elements; the rest take the foreach kernel. Results
-    are identical to the other kernels (tested). ``finite``: an optional 0-d bool tensor (e.g. the ``.all()`` of
-    `hf_ext.optim._step_checks.finite_flags`); where it is False, no parameter or momentum changes, and no value is
-    read on the host. If the compiler cannot build the kernel, ``fallback=False`` raises; ``fallback=True`` (Lion's
-    default kernel choice) warns once and updates the remaining tensors, then and on later calls, with the foreach
-    kernel — the same numbers, only slower.
+    Float32 tensors on the CPU (`native_eligible`) go through the C kernel of `lion_update_native`, all in one
+    call (built at first use in a fraction of a second, logged). The rest go through ``torch.compile``: one kernel,
+    compiled on the first call with a dynamic length (a few seconds, logged; cached on disk by torch), serves every
+    contiguous tensor of at least `FUSED_MIN_NUMEL` elements (Triton on CUDA, C++ on the CPU), and smaller ones take
+    the foreach kernel. Results are identical to the other kernels (tested).
+
+    ``finite``: an optional 0-d bool tensor (e.g. the ``.all()`` of `hf_ext.optim._step_checks.finite_flags`);
+    where it is False, no parameter or momentum changes, and no value is read on the host (except on the CPU, where
+    reading it costs nothing). If the compiler cannot build the torch.compile kernel, ``fallback=False`` raises;
+    ``fallback=True`` (Lion's default kernel choice) warns once and updates the remaining tensors, then and on later
+    calls, with the foreach kernel — the same numbers, only slower.
+
+    ``all_native_eligible``: the caller has checked `native_eligible` on every tensor (Lion does, to choose where
+    the non-finite check runs), so it is not checked again.
+
+    Returns the indices (into ``params``) of the tensors that the C kernel found with a non-finite gradient: it
+    leaves those elements unchanged (see `lion_update_native`). The other paths do not look.
     """
+    native_side = []
+    if (finite is None or finite.device.type == "cpu") and native_kernel_available():
+        native_side = (list(range(len(params))) if all_native_eligible else
+                       [k for k, tensors in enumerate(zip(params, grads, momenta)) if native_eligible(*tensors)])
+    nonfinite = []
+    if native_side and (finite is None or bool(finite)):
+        found = lion_update_native(*([ts[k] for k in native_side] for ts in (params, grads, momenta)),
+                                   lr, beta1, beta2, weight_decay)
+        nonfinite = [native_side[k] for k in found]
+    if len(native_side) < len(params):
+        taken = set(native_side)
+        rest = ([t for k, t in enumerate(ts) if k not in taken] for ts in (params, grads, momenta))
+        _compiled_update_or_foreach(*rest, lr, beta1, beta2, weight_decay, fallback=fallback, finite=finite)
+    return nonfinite
+
+
+def _compiled_update_or_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay, *, fallback, finite) -> None:
+    # the torch.compile side of `lion_update_fused`
     if fallback and _compile_failure is not None:
         lion_update_foreach(params, grads, momenta, lr, beta1, beta2, weight_decay, finite=finite)
         return
@@ -228,12 +261,111 @@ def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: fl
                     continue
                 except Exception as error:  # the compiler backend is missing or broken on this machine
                     # compiling fails before the kernel touches its tensors: this one and the rest go to foreach
-                    _compile_failed(error, fallback, stacklevel=3)
+                    _compile_failed(error, fallback, stacklevel=4)
                     compiled = False
             for bucket, tensor in zip(rest, tensors):
                 bucket.append(tensor)
     if rest[0]:
         lion_update_foreach(*rest, lr, beta1, beta2, weight_decay, finite=finite)
+
+
+# ---- the C kernel: float32 on the CPU, every tensor in one call ------------------------------------------------------
+
+NATIVE_CHUNK_NUMEL = 1 << 16  # elements per unit of work that the C kernel's threads share (256 KiB per tensor)
+_NATIVE_KERNEL = "lion_fp32"
+_POINTER = ctypes.c_void_p
+
+
+def _native_function():
+    """The C kernel's entry point, or None where it cannot be built here (see `hf_ext.ops.native`)."""
+    library = native.load(_NATIVE_KERNEL)
+    if library is None:
+        return None
+    function = library.hf_ext_lion_fp32
+    if function.argtypes is None:
+        function.restype = None
+        function.argtypes = ([ctypes.c_int64] + [_POINTER] * 6 + [ctypes.c_float] * 6 + [_POINTER, ctypes.c_int])
+    return function
+
+
+def native_kernel_available() -> bool:
+    """Whether the C kernel of `lion_update_native` is built, or can be built, in this process."""
+    return _native_function() is not None
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # not DTensors or other subclasses with their own storage
+
+
+def native_eligible(param, grad, momentum) -> bool:
+    """Whether `lion_update_native` takes this tensor: float32 parameter, gradient and momentum, dense and
+    contiguous, on the CPU."""
+    return _plain_float32_on_cpu(param) and _plain_float32_on_cpu(grad) and _plain_float32_on_cpu(momentum)
+
+
+def _plain_float32_on_cpu(t: torch.Tensor) -> bool:
+    # identity tests and `is_cpu`: this runs for every tensor at every step (a `device` object costs a microsecond)
+    return (t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided and type(t) in _PLAIN_TENSOR_TYPES
+            and t.is_contiguous())
+
+
+def _chunk_table(sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tensor index, first element, length) of each chunk of tensors of ``sizes``; the last table is kept, since a
+    training run asks for the same one at every step."""
+    key = (sizes, NATIVE_CHUNK_NUMEL)
+    if _last_chunk_table[0] != key:
+        sizes_tensor = torch.tensor(sizes, dtype=torch.int64)
+        counts = (sizes_tensor + NATIVE_CHUNK_NUMEL - 1) // NATIVE_CHUNK_NUMEL  # an empty tensor has no chunk
+        tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+        first_chunk = torch.cumsum(counts, 0) - counts
+        start = (torch.arange(len(tensor)) - first_chunk[tensor]) * NATIVE_CHUNK_NUMEL
+        length = torch.clamp(sizes_tensor[tensor] - start, max=NATIVE_CHUNK_NUMEL)
+        _last_chunk_table[:] = [key, (tensor, start, length)]
+    return _last_chunk_table[1]
+
+
+_last_chunk_table: list = [None, None]
+
+
+def _mark_changed(tensors: list) -> None:
+    """Bump the autograd version counters of tensors written behind torch's back (a backward that saved one of them
+    then raises, as after any in-place op). One call for the list where torch takes one (torch >= 2.5 or so)."""
+    global _increment_takes_lists
+    if _increment_takes_lists:
+        try:
+            torch.autograd.graph.increment_version(tensors)
+            return
+        except TypeError:
+            _increment_takes_lists = False
+    for tensor in tensors:
+        torch.autograd.graph.increment_version(tensor)
+
+
+_increment_takes_lists = True
+
+
+def lion_update_native(params, grads, momenta, lr: float, beta1: float, beta2: float,
+                       weight_decay: float) -> list[int]:
+    """`lion_update_foreach` for float32 CPU tensors (`native_eligible`) in one call of a C kernel: one pass over
+    each tensor, all tensors' chunks shared by torch's intra-op threads. The same bits as the other kernels (tested).
+
+    Elements whose gradient is NaN or ±inf keep their parameter and momentum; the check costs no extra read.
+    Returns the indices (into ``params``) of the tensors that had such elements; their other elements, and every
+    other tensor, took the step. Raises RuntimeError if the kernel cannot be built here (`native_kernel_available`).
+    """
+    function = _native_function()
+    if function is None:
+        raise RuntimeError(f"Lion: the C kernel could not be built here ({native.failure(_NATIVE_KERNEL)})")
+    if not params:
+        return []
+    tensor, start, length = _chunk_table(tuple(p.numel() for p in params))
+    pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (params, grads, momenta)]
+    nonfinite = torch.zeros(len(tensor), dtype=torch.uint8)
+    # the scalars as eager torch rounds them: Python floats (doubles) rounded once to float32 by ctypes
+    function(len(tensor), tensor.data_ptr(), start.data_ptr(), length.data_ptr(), *(p.data_ptr() for p in pointers),
+             1 - lr * weight_decay, -lr, beta1, 1 - beta1, beta2, 1 - beta2, nonfinite.data_ptr(),
+             torch.get_num_threads())
+    _mark_changed(params + momenta)
+    return sorted(set(tensor[nonfinite.bool()].tolist()))
 
 
 def lion_reference_float64(param, grad, momentum, lr, beta1, beta2, weight_decay):

@@ -1,4 +1,5 @@
-"""Checks every hf_ext optimizer runs at each step, before anything changes: finite gradients and sane group values."""
+"""Checks every hf_ext optimizer runs at each step: finite gradients (before anything changes, except where Lion's C
+kernel checks them during its update pass) and sane group values."""
 
 from __future__ import annotations
 
@@ -115,6 +116,17 @@ def refuse_nonfinite(owner: str, where: str, mode: str, stacklevel: int = 3, not
         f"{owner}: {where} is not finite (NaN or inf), so the step was refused before any parameter or state changed. "
         "The loss was probably NaN or inf (e.g. an fp16 overflow): clip gradients (torch.nn.utils.clip_grad_norm_), "
         'lower the learning rate, or pass nonfinite_grads="skip" to skip such steps')
+
+
+def raise_nonfinite_after_step(owner: str, where: str) -> None:
+    """The FloatingPointError of ``mode="raise"`` where the kernel checked the gradients while updating (Lion's C
+    kernel): the non-finite elements kept their values, the rest took the step."""
+    raise FloatingPointError(
+        f"{owner}: {where} is not finite (NaN or inf). The elements whose gradient is not finite kept their parameter "
+        "and state values; every other element took this step (the fused CPU kernel checks each gradient as it "
+        "reads it for the update, at no extra cost). The loss was probably NaN or inf (e.g. an fp16 overflow): clip "
+        "gradients (torch.nn.utils.clip_grad_norm_), lower the learning rate, or pass nonfinite_grads=\"skip\" to "
+        "skip such steps whole (no parameter or state changes; it reads every gradient once more)")
 
 
 def copy_done_event(device: torch.device):
