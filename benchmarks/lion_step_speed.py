@@ -229,8 +229,8 @@ def markdown_table(numel: int, table: dict, bandwidth: dict, compile_info: dict,
     line = "First step in the run: " + ", ".join(f"{k} {v:.2f} s" for k, v in first.items())
     cold = compile_info.get("cold_compile", {})
     if "c_kernel" in cold:
-        compiled = cold["torch_compile"]
-        line += (f"; fused kernel build in a fresh process: C kernel {cold['c_kernel']['empty_cache']['compile_seconds']:.2f} s; "
+        built, compiled = cold["c_kernel"]["empty_cache"], cold["torch_compile"]
+        line += (f"; fused kernel build in a fresh process: C kernel {built['compile_seconds']:.2f} s; "
                  f"its torch.compile form {compiled['empty_cache']['compile_seconds']:.1f} s with an empty inductor "
                  f"cache, {compiled['filled_cache']['compile_seconds']:.1f} s with it filled")
     rows += ["", line + "."]

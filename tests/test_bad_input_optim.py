@@ -189,6 +189,19 @@ def test_lion_refuses_an_adamw_state_dict():
         optimizer.load_state_dict(state)
 
 
+def test_lion_refuses_a_state_dict_of_another_shape_before_loading_it():
+    """Parameters in another order (or of another model) would give the fused kernel a momentum of the wrong size,
+    which its C form, reading raw memory, must never see; the load is refused with nothing loaded."""
+    params, optimizer = _lion_after_one_step()
+    state = optimizer.state_dict()
+    swapped = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 3))]
+    other = Lion(swapped, lr=0.1)
+    with pytest.raises(ValueError, match=r"^Lion.load_state_dict: the momentum of parameter 0 has shape \(4, 3\), "
+                                         r"but the parameter has shape \(3,\)"):
+        other.load_state_dict(state)
+    assert len(other.state) == 0
+
+
 # -- adamw_to_lion and the Lion Trainer helper ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [

@@ -391,3 +391,9 @@ def test_without_a_c_compiler_lion_takes_the_torch_compile_form(monkeypatch, cap
         assert all(torch.equal(a, b) for a, b in zip(_one_step(), expected))
     assert calls and not lion_ops.native_kernel_available()
     assert "no C compiler found" in native.failure("lion_fp32") and "no C compiler found" in caplog.text
+
+
+def test_c_kernel_refuses_tensors_of_other_sizes():
+    params, grads, momenta = ([torch.zeros(n) for n in (5, 6)] for _ in range(3))
+    with pytest.raises(ValueError, match=r"momenta must match params in number and size, got sizes \[5, 7\]"):
+        lion_update_native(params, grads, [momenta[0], torch.zeros(7)], 0.1, 0.9, 0.99, 0.0)

@@ -309,21 +309,24 @@ def _plain_float32_on_cpu(t: torch.Tensor) -> bool:
 
 
 def _chunk_table(sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tensor index, first element, length) of each chunk of tensors of ``sizes``; the last table is kept, since a
-    training run asks for the same one at every step."""
+    """(tensor index, first element, length) of each chunk of tensors of ``sizes``. The last table is kept, since a
+    training run asks for the same one at every step (one tuple, read and rebound whole: safe across threads)."""
+    global _last_chunk_table
     key = (sizes, NATIVE_CHUNK_NUMEL)
-    if _last_chunk_table[0] != key:
-        sizes_tensor = torch.tensor(sizes, dtype=torch.int64)
-        counts = (sizes_tensor + NATIVE_CHUNK_NUMEL - 1) // NATIVE_CHUNK_NUMEL  # an empty tensor has no chunk
-        tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
-        first_chunk = torch.cumsum(counts, 0) - counts
-        start = (torch.arange(len(tensor)) - first_chunk[tensor]) * NATIVE_CHUNK_NUMEL
-        length = torch.clamp(sizes_tensor[tensor] - start, max=NATIVE_CHUNK_NUMEL)
-        _last_chunk_table[:] = [key, (tensor, start, length)]
-    return _last_chunk_table[1]
+    cached_key, cached_table = _last_chunk_table
+    if cached_key == key:
+        return cached_table
+    sizes_tensor = torch.tensor(sizes, dtype=torch.int64)
+    counts = (sizes_tensor + NATIVE_CHUNK_NUMEL - 1) // NATIVE_CHUNK_NUMEL  # an empty tensor has no chunk
+    tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+    first_chunk = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(len(tensor)) - first_chunk[tensor]) * NATIVE_CHUNK_NUMEL
+    length = torch.clamp(sizes_tensor[tensor] - start, max=NATIVE_CHUNK_NUMEL)
+    _last_chunk_table = (key, (tensor, start, length))
+    return tensor, start, length
 
 
-_last_chunk_table: list = [None, None]
+_last_chunk_table: tuple = (None, None)
 
 
 def _mark_changed(tensors: list) -> None:
@@ -357,7 +360,13 @@ def lion_update_native(params, grads, momenta, lr: float, beta1: float, beta2: f
         raise RuntimeError(f"Lion: the C kernel could not be built here ({native.failure(_NATIVE_KERNEL)})")
     if not params:
         return []
-    tensor, start, length = _chunk_table(tuple(p.numel() for p in params))
+    sizes = tuple(p.numel() for p in params)
+    for name, tensors in (("grads", grads), ("momenta", momenta)):
+        # the kernel trusts these sizes: a momentum of another shape (e.g. from a foreign state dict) must not reach it
+        if len(tensors) != len(sizes) or any(t.numel() != n for t, n in zip(tensors, sizes)):
+            raise ValueError(f"lion_update_native: {name} must match params in number and size, got sizes "
+                             f"{[t.numel() for t in tensors]} for {list(sizes)}")
+    tensor, start, length = _chunk_table(sizes)
     pointers = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in (params, grads, momenta)]
     nonfinite = torch.zeros(len(tensor), dtype=torch.uint8)
     # the scalars as eager torch rounds them: Python floats (doubles) rounded once to float32 by ctypes

@@ -92,5 +92,5 @@ def _build(source: Path) -> ctypes.CDLL:
             if completed.returncode == 0:
                 logger.info("hf_ext: built the C kernel %s with %s", source.stem, " ".join(command[:-3]))
                 return ctypes.CDLL(str(output))  # mapped now: the file may go with the directory
-            errors.append(completed.stderr.strip().splitlines()[-1:] or [f"exit status {completed.returncode}"])
-    raise OSError(f"{cc} failed: {errors[-1][0]}")
+            errors.append((completed.stderr.strip().splitlines() or [f"exit status {completed.returncode}"])[-1])
+    raise OSError(f"{cc} failed: {errors[-1]}")

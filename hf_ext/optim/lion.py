@@ -38,11 +38,12 @@ class Lion(torch.optim.Optimizer):
             kernel that updates every tensor in one call (``hf_ext/ops/kernels/lion_fp32.c``, built at the first
             step with the system C compiler in well under a second, logged; ``HF_EXT_NATIVE_KERNELS=0`` turns it
             off); elsewhere (CUDA, bf16/fp16 parameters) it is compiled with ``torch.compile`` (Triton on CUDA, C++
-            on the CPU; once per process, a few seconds, logged). On the parameters of SmolLM2-135M on 1 or 2 CPU threads
-            the default step takes about 0.75× the time of ``torch.optim.AdamW(fused=True)`` (0.73× and 0.78× in
-            ``python -m benchmarks.lion_step_speed``; the memory-traffic floor is 5/7). ``None`` (default): use it unless ``foreach`` is given or
-            the parameters are FSDP2 DTensors, and if torch.compile cannot build its form here, warn once and use
-            foreach (identical numbers). ``True``: use it or raise. ``False``: never.
+            on the CPU; once per process, a few seconds, logged). On the parameters of SmolLM2-135M on 1 or 2 CPU
+            threads the default step takes about 0.75× the time of ``torch.optim.AdamW(fused=True)`` (0.73× and
+            0.78× in ``python -m benchmarks.lion_step_speed``; the memory-traffic floor is 5/7). ``None``
+            (default): use it unless ``foreach`` is given or the parameters are FSDP2 DTensors, and if torch.compile
+            cannot build its form here, warn once and use foreach (identical numbers). ``True``: use it or raise.
+            ``False``: never.
         foreach: with ``fused`` not chosen, use ``torch._foreach_*`` ops over all tensors of a group (default: yes,
             unless the parameters are FSDP2 DTensors, which take the per-tensor path).
         state_dtype: dtype of the momentum. ``None`` keeps the parameter's dtype; ``torch.float32`` with bf16/fp16
@@ -128,7 +129,7 @@ class Lion(torch.optim.Optimizer):
         check_group_numbers("Lion", self.param_groups)
         self._step_calls += 1
         self._skip_reports.report(self._step_calls)  # CUDA: steps skipped earlier whose flags have reached the host
-        work, labels = [], []  # everything is checked before any state is created or weight moved
+        work, labels = [], []  # sparse gradients are refused before any state is created or weight moved
         for group_index, group in enumerate(self.param_groups):
             params = []
             for index, param in enumerate(group["params"]):
@@ -234,6 +235,13 @@ class Lion(torch.optim.Optimizer):
                 raise ValueError(f"Lion.load_state_dict: not a Lion state dict: param group {index} lacks Lion's "
                                  f"options {missing} (it has {sorted(k for k in group if k != 'params')})")
         saved_momenta = {index: state["exp_avg"] for index, state in state_dict["state"].items() if "exp_avg" in state}
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, param in zip(saved_group["params"], group["params"]):
+                if index in saved_momenta and saved_momenta[index].shape != param.shape:
+                    raise ValueError(f"Lion.load_state_dict: the momentum of parameter {index} has shape "
+                                     f"{tuple(saved_momenta[index].shape)}, but the parameter has shape "
+                                     f"{tuple(param.shape)}: the state dict belongs to another model or another "
+                                     "parameter order")
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for index, param in zip(saved_group["params"], group["params"]):
