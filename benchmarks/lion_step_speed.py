@@ -173,7 +173,8 @@ def run(settings: dict, quick: bool = False) -> dict:
         "method": "dst.copy_(src): 2 x bytes / time; dst.add_(src): 3 x bytes / time; median over the calls "
                   "before and after the timing, fp32 tensors of the parameter count"},
         "compile": compile_info, "sections_seconds": sections, "total_seconds": time.perf_counter() - started}
-    name = NAME if threads == DEFAULT_THREADS else f"{NAME}_{threads}_thread{'s' * (threads > 1)}"
+    # a full run on another thread count keeps its own result file beside the 2-thread one
+    name = NAME if quick or threads == DEFAULT_THREADS else f"{NAME}_{threads}_thread{'s' * (threads > 1)}"
     result = make_result(name, candidate="hf_ext Lion(fused=True) (defaults in lion_default, foreach=True in "
                                           "lion_foreach rows)",
                          peer="torch AdamW(fused=True) and the other optimizers named per metric",
