@@ -397,3 +397,30 @@ def test_c_kernel_refuses_tensors_of_other_sizes():
     params, grads, momenta = ([torch.zeros(n) for n in (5, 6)] for _ in range(3))
     with pytest.raises(ValueError, match=r"momenta must match params in number and size, got sizes \[5, 7\]"):
         lion_update_native(params, grads, [momenta[0], torch.zeros(7)], 0.1, 0.9, 0.99, 0.0)
+
+
+def test_one_group_split_between_the_c_kernel_and_the_torch_compile_form():
+    """A group mixing float32 contiguous tensors (C kernel), a transposed one and a bf16 one (torch.compile form and
+    its foreach side) gives the foreach kernel's numbers, and a NaN in a tensor the C kernel does not take is still
+    refused before anything changes."""
+    def make():
+        torch.manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(8, 6).t()),
+                  torch.nn.Parameter(torch.randn(50).bfloat16()), torch.nn.Parameter(torch.randn(40000))]
+        for p in params:
+            p.grad = torch.randn(p.shape).to(p.dtype)
+        return params
+
+    assert not make()[1].is_contiguous()
+    mixed, reference = make(), make()
+    for params, options in ((mixed, {}), (reference, {"foreach": True})):
+        optimizer = Lion(params, lr=0.01, weight_decay=0.1, **options)
+        for _ in range(3):
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(mixed, reference))
+    optimizer = Lion(mixed, lr=0.01)
+    mixed[2].grad[0] = math.nan
+    before = [p.detach().clone() for p in mixed]
+    with pytest.raises(FloatingPointError, match=r"parameter 2 of param group 0 .*before any parameter"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(mixed, before))

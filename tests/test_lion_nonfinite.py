@@ -152,9 +152,8 @@ def test_raise_keeps_nonfinite_values_out_and_names_the_parameter(kernel, bad, w
     expected = [w.clone() for w in weights]
     grads = [p.grad.clone() for p in params]
     grads[where].view(-1)[-1] = 0.0
-    for g_index, members in enumerate(_groups(list(range(len(params))))):
-        chosen = members["params"]
-        lr, weight_decay = (0.1, 0.1) if g_index == 0 else (0.05, 0.0)
+    # the groups of `_groups`: parameters 0 and 1 with lr 0.1 and weight decay 0.1, parameter 2 with 0.05 and 0
+    for chosen, lr, weight_decay in (([0, 1], 0.1, 0.1), ([2], 0.05, 0.0)):
         lion_ops.lion_update_foreach([expected[k] for k in chosen], [grads[k] for k in chosen],
                                      [momenta[k] for k in chosen], lr, 0.9, 0.99, weight_decay)
     expected[where].view(-1)[-1] = weights[where].view(-1)[-1]
