@@ -252,7 +252,8 @@ def run(settings: dict, quick: bool = False) -> dict:
         "parameters": sum(p.numel() for p in reference.parameters()),
         "optimizer": "torch.optim.AdamW (gradient view: on its rank-r factors), betas (0.9, 0.999), constant lr, "
                      "no warm-up, no gradient clipping",
-        "eval_steps": eval_steps(settings), "hf_ext_lora_ga_gradient_passes": gradient_passes(settings["power_iterations"]),
+        "eval_steps": eval_steps(settings),
+        "hf_ext_lora_ga_gradient_passes": gradient_passes(settings["power_iterations"]),
         "peft_lora_ga_gradient_passes": 1, "gradient_batches_source": "the first training batches of the task",
         "data": {name: task.report for name, task in tasks.items()},
     })

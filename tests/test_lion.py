@@ -290,11 +290,17 @@ def _one_step(**options):
 
 def test_the_default_kernel_is_the_fused_one_with_identical_results(monkeypatch):
     calls = []
-    real = lion_ops.lion_update_fused
-    monkeypatch.setattr("hf_ext.optim.lion.lion_update_fused", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for name in ("lion_update_fused", "lion_update_native"):  # the fused kernel, and its C form that Lion calls
+        real = getattr(lion_ops, name)
+        monkeypatch.setattr(f"hf_ext.optim.lion.{name}",
+                            lambda *a, real=real, name=name, **k: calls.append((name, k)) or real(*a, **k))
     default = _one_step()
     # Lion(params) as users write it takes the fused kernel, in its C form (float32 on the CPU)
-    assert calls == [{"fallback": True, "finite": None, "all_native_eligible": True}]
+    assert calls == [("lion_update_native", {})]
+    calls.clear()
+    with native.kernels_disabled():  # and its torch.compile form where the C kernel is off
+        assert all(torch.equal(a, b) for a, b in zip(default, _one_step()))
+    assert calls == [("lion_update_fused", {"fallback": True, "finite": None})]
     for chosen in (dict(fused=True), dict(fused=False), dict(foreach=True), dict(foreach=False)):
         assert all(torch.equal(a, b) for a, b in zip(default, _one_step(**chosen)))
     calls.clear()

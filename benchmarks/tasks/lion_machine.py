@@ -84,5 +84,4 @@ def cold_compile(threads: int) -> dict:
                        "TORCHINDUCTOR_CACHE_DIR set to a new temporary directory; compile_seconds = first call - "
                        "fastest later call; the second process reuses the directory the first one filled (the C "
                        "kernel is rebuilt in every process: it has no disk cache)")
-    runs = forms
-    return runs
+    return forms

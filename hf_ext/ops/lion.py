@@ -204,8 +204,7 @@ def _fused_eligible(*tensors) -> bool:
 
 
 def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: float, weight_decay: float,
-                      *, fallback: bool = False, finite: torch.Tensor | None = None,
-                      all_native_eligible: bool = False) -> list[int]:
+                      *, fallback: bool = False, finite: torch.Tensor | None = None) -> list[int]:
     """`lion_update_foreach` in one pass over memory per tensor.
 
     Float32 tensors on the CPU (`native_eligible`) go through the C kernel of `lion_update_native`, all in one
@@ -220,16 +219,12 @@ def lion_update_fused(params, grads, momenta, lr: float, beta1: float, beta2: fl
     ``fallback=True`` (Lion's default kernel choice) warns once and updates the remaining tensors, then and on later
     calls, with the foreach kernel — the same numbers, only slower.
 
-    ``all_native_eligible``: the caller has checked `native_eligible` on every tensor (Lion does, to choose where
-    the non-finite check runs), so it is not checked again.
-
     Returns the indices (into ``params``) of the tensors that the C kernel found with a non-finite gradient: it
     leaves those elements unchanged (see `lion_update_native`). The other paths do not look.
     """
     native_side = []
     if (finite is None or finite.device.type == "cpu") and native_kernel_available():
-        native_side = (list(range(len(params))) if all_native_eligible else
-                       [k for k, tensors in enumerate(zip(params, grads, momenta)) if native_eligible(*tensors)])
+        native_side = [k for k, tensors in enumerate(zip(params, grads, momenta)) if native_eligible(*tensors)]
     nonfinite = []
     if native_side and (finite is None or bool(finite)):
         found = lion_update_native(*([ts[k] for k in native_side] for ts in (params, grads, momenta)),

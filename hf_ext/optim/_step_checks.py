@@ -105,6 +105,11 @@ def nonfinite_location(label: tuple[int, int, tuple[int, ...]]) -> str:
     return f"the gradient of parameter {index} of param group {group_index} (shape {shape})"
 
 
+# what to do about it, in both forms of the "raise" error
+_REMEDY = ("The loss was probably NaN or inf (e.g. an fp16 overflow): clip gradients (torch.nn.utils.clip_grad_norm_), "
+           'lower the learning rate, or pass nonfinite_grads="skip" to skip such steps')
+
+
 def refuse_nonfinite(owner: str, where: str, mode: str, stacklevel: int = 3, note: str = "") -> None:
     """Raise the FloatingPointError of ``mode="raise"``, or warn that a step was skipped (``mode="skip"``)."""
     if mode == "skip":
@@ -112,10 +117,8 @@ def refuse_nonfinite(owner: str, where: str, mode: str, stacklevel: int = 3, not
                       f"the loss was probably NaN or inf (e.g. an fp16 overflow){note}", RuntimeWarning,
                       stacklevel=stacklevel)
         return
-    raise FloatingPointError(
-        f"{owner}: {where} is not finite (NaN or inf), so the step was refused before any parameter or state changed. "
-        "The loss was probably NaN or inf (e.g. an fp16 overflow): clip gradients (torch.nn.utils.clip_grad_norm_), "
-        'lower the learning rate, or pass nonfinite_grads="skip" to skip such steps')
+    raise FloatingPointError(f"{owner}: {where} is not finite (NaN or inf), so the step was refused before any "
+                             f"parameter or state changed. {_REMEDY}")
 
 
 def raise_nonfinite_after_step(owner: str, where: str) -> None:
@@ -124,9 +127,8 @@ def raise_nonfinite_after_step(owner: str, where: str) -> None:
     raise FloatingPointError(
         f"{owner}: {where} is not finite (NaN or inf). The elements whose gradient is not finite kept their parameter "
         "and state values; every other element took this step (the fused CPU kernel checks each gradient as it "
-        "reads it for the update, at no extra cost). The loss was probably NaN or inf (e.g. an fp16 overflow): clip "
-        "gradients (torch.nn.utils.clip_grad_norm_), lower the learning rate, or pass nonfinite_grads=\"skip\" to "
-        "skip such steps whole (no parameter or state changes; it reads every gradient once more)")
+        f"reads it for the update, at no extra cost). {_REMEDY} whole (no parameter or state changes; it reads every "
+        "gradient once more)")
 
 
 def copy_done_event(device: torch.device):

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .._validation import check_choice, check_number
-from ..ops.lion import (fused_kernel_available, lion_update_foreach, lion_update_fused, lion_update_single,
-                        native_eligible, native_kernel_available)
+from ..ops.lion import (fused_kernel_available, lion_update_foreach, lion_update_fused, lion_update_native,
+                        lion_update_single, native_eligible, native_kernel_available)
 from ._dtensor import is_dtensor
 from ._step_checks import (NONFINITE_GRADS_OPTIONS, SkippedStepReports, check_group_numbers, finite_flags,
                            grads_are_finite, nonfinite_location, raise_nonfinite_after_step)
@@ -157,17 +157,17 @@ class Lion(torch.optim.Optimizer):
             momenta = [self._momentum(param, group) for param in params]
             beta1, beta2 = group["betas"]
             args = (group["lr"], beta1, beta2, group["weight_decay"])
-            if kernel == "fused":
-                found = lion_update_fused(params, grads, momenta, *args, fallback=not group["fused"], finite=finite,
-                                          all_native_eligible=check_in_update)
-                nonfinite += [labels[offset + k] for k in found]
+            if check_in_update:  # every tensor is the C kernel's (`_c_kernel_takes_all`)
+                nonfinite += [labels[offset + k] for k in lion_update_native(params, grads, momenta, *args)]
+            elif kernel == "fused":
+                lion_update_fused(params, grads, momenta, *args, fallback=not group["fused"], finite=finite)
             elif kernel == "foreach":
                 lion_update_foreach(params, grads, momenta, *args)
             else:
                 for param, grad, momentum in zip(params, grads, momenta):
                     lion_update_single(param, grad, momentum, *args)
             offset += len(params)
-        if nonfinite and check_in_update:
+        if nonfinite:
             raise_nonfinite_after_step("Lion", nonfinite_location(nonfinite[0]))
         self._skip_reports.report(self._step_calls)  # CPU: this step's flags are on the host already
         return loss
