@@ -40,10 +40,10 @@ class Lion(torch.optim.Optimizer):
             off); elsewhere (CUDA, bf16/fp16 parameters) it is compiled with ``torch.compile`` (Triton on CUDA, C++
             on the CPU; once per process, a few seconds, logged). On the parameters of SmolLM2-135M on 1 or 2 CPU
             threads the default step takes about 0.75× the time of ``torch.optim.AdamW(fused=True)`` (0.74× on 2
-            threads, 0.75× on 1, in ``python -m benchmarks.lion_step_speed``; the memory-traffic floor is 5/7). ``None``
-            (default): use it unless ``foreach`` is given or the parameters are FSDP2 DTensors, and if torch.compile
-            cannot build its form here, warn once and use foreach (identical numbers). ``True``: use it or raise.
-            ``False``: never.
+            threads, 0.75× on 1, in ``python -m benchmarks.lion_step_speed``; the memory-traffic floor is 5/7).
+            ``None`` (default): use it unless ``foreach`` is given or the parameters are FSDP2 DTensors, and if
+            torch.compile cannot build its form here, warn once and use foreach (identical numbers). ``True``: use it
+            or raise. ``False``: never.
         foreach: with ``fused`` not chosen, use ``torch._foreach_*`` ops over all tensors of a group (default: yes,
             unless the parameters are FSDP2 DTensors, which take the per-tensor path).
         state_dtype: dtype of the momentum. ``None`` keeps the parameter's dtype; ``torch.float32`` with bf16/fp16
